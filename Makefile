@@ -1,0 +1,39 @@
+# cxrlt: `make install`, `make test` (see README.md)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.cxrlt-installed
+KERNEL := cxrlt
+
+.PHONY: install test check-notebooks nbtest pytest export clean-venv
+
+install: $(STAMP)
+
+# Re-installs only when the package metadata or the pins change; otherwise a no-op.
+$(STAMP): setup.py settings.ini constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name $(KERNEL) --display-name 'Python (cxrlt)' >/dev/null
+	touch $(STAMP)
+
+export: install
+	$(BIN)/nbdev_export
+
+# Fails when nbdev_export or nbdev_clean would change a tracked file, naming the notebook.
+check-notebooks: install
+	$(BIN)/python .ci/check_notebooks.py
+
+nbtest: install
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: install
+	$(BIN)/python -m pytest tests
+
+test: install
+	$(MAKE) --no-print-directory check-notebooks
+	$(MAKE) --no-print-directory nbtest
+	$(MAKE) --no-print-directory pytest
+
+clean-venv:
+	rm -rf $(VENV)
