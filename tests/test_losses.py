@@ -1,0 +1,499 @@
+"""cxrlt.losses against float64 references written by hand, one (image, class) element at a time,
+straight from the papers' formulas (Cui et al. 2019, Lin et al. 2017, Ridnik et al. 2021, Cao et al. 2019,
+Menon et al. 2021, Wu et al. 2020)."""
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from cxrlt.labels import CLASSES
+from cxrlt.losses import (DRW, LOSSES, AsymmetricLoss, BCELoss, FocalLoss, LDAMLoss, LogitAdjustedBCE,
+                          MultiLabelLoss, NegativeTolerantBCE, bce, class_balanced_weights, class_counts,
+                          ldam_margins, make_loss)
+
+B, C = 6, 30
+N_IMAGES = 60_000
+
+
+# ---------------------------------------------------------------- float64 references, element by element
+def sigmoid(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+def ref_bce(z, y, pos_weight=1.0):
+    p = sigmoid(z)
+    return -(pos_weight * y * math.log(p) + (1 - y) * math.log(1 - p))
+
+
+def ref_focal(z, y, gamma, alpha=None):
+    p = sigmoid(z)
+    a_pos, a_neg = (1.0, 1.0) if alpha is None else (alpha, 1 - alpha)
+    return -(a_pos * y * (1 - p) ** gamma * math.log(p) + a_neg * (1 - y) * p ** gamma * math.log(1 - p))
+
+
+def ref_asl(z, y, gamma_neg=4.0, gamma_pos=1.0, clip=0.05, eps=1e-8):
+    "Ridnik et al. 2021: p_m = max(p - m, 0); -[y (1-p)^γ+ log p + (1-y) p_m^γ- log(1-p_m)], probabilities clamped at eps in the logs."
+    p = sigmoid(z)
+    p_m = max(p - clip, 0.0)
+    pos = (1 - p) ** gamma_pos * math.log(max(p, eps))
+    neg = p_m ** gamma_neg * math.log(max(1 - p_m, eps))
+    return -(y * pos + (1 - y) * neg)
+
+
+def ref_cb_weights(counts, beta):
+    w = [(1 - beta) / (1 - beta ** n) for n in counts]
+    return [v * len(w) / sum(w) for v in w]
+
+
+def ref_margins(counts, max_m):
+    raw = [n ** -0.25 for n in counts]
+    return [max_m * r / max(raw) for r in raw]
+
+
+def ref_ldam(z, y, margin, s):
+    "Positive-side margin, scaled, sigmoid BCE: y log(1+e^{-s(z-Δ)}) + (1-y) log(1+e^{s z})."
+    return y * math.log(1 + math.exp(-s * (z - margin))) + (1 - y) * math.log(1 + math.exp(s * z))
+
+
+def ref_logit_adjusted(z, y, n, n_images, tau, adjustment):
+    pi = n / n_images
+    shift = math.log(pi / (1 - pi)) if adjustment == 'log_odds' else math.log(pi)
+    return ref_bce(z + tau * shift, y)
+
+
+def ref_ntr(z, y, n, n_images, neg_scale, init_bias):
+    pi = n / n_images
+    zb = z + init_bias / neg_scale * math.log(pi / (1 - pi))
+    return y * math.log(1 + math.exp(-zb)) + (1 - y) / neg_scale * math.log(1 + math.exp(neg_scale * zb))
+
+
+def elementwise(f, z, y, per_class=None, **kw):
+    "Apply a scalar reference to every element; `per_class` maps column j to extra keyword arguments."
+    out = np.zeros(z.shape)
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            extra = per_class(j) if per_class else {}
+            out[i, j] = f(float(z[i, j]), float(y[i, j]), **kw, **extra)
+    return out
+
+
+def reduce(e, weight=None, reduction='mean'):
+    if weight is not None: e = e * np.asarray(weight)[None, :]
+    return {'mean': e.mean(), 'sum': e.sum(), 'none': e}[reduction]
+
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20260303)
+
+
+@pytest.fixture
+def counts(rng):
+    "Long-tailed per-class counts: from tens of thousands down to a handful."
+    return np.sort(np.round(rng.lognormal(6, 2, C)).clip(2, N_IMAGES // 2))[::-1].copy()
+
+
+def batch(rng, scale=3.0, p_pos=0.3, rows=B, cols=C):
+    z = rng.normal(0, scale, (rows, cols))
+    y = (rng.random((rows, cols)) < p_pos).astype(np.float64)
+    y[0] = 0  # an image with none of the findings
+    return z, y
+
+
+def f32_exact(rng, lo, hi, n=C):
+    "Random per-class values exactly representable in float32 (the losses keep weights in float32)."
+    return rng.uniform(lo, hi, n).astype(np.float32).astype(np.float64)
+
+
+def t(a, dtype=torch.float64):
+    return torch.tensor(a, dtype=dtype)
+
+
+# ---------------------------------------------------------------- class counts, weights and margins
+@pytest.mark.parametrize('beta', [0.0, 0.9, 0.999, 0.9999])
+def test_class_balanced_weights_match_effective_number_formula(counts, beta):
+    w = class_balanced_weights(counts, beta).double().numpy()
+    np.testing.assert_allclose(w, ref_cb_weights(counts, beta), rtol=1e-6)
+    assert w.sum() == pytest.approx(C, rel=1e-6)
+    assert np.all(np.diff(w) >= -1e-6)  # counts are sorted high → low, so weights rise
+
+
+def test_class_balanced_weights_inverse_frequency_limit():
+    # β → 1: (1-β)/(1-β^n) → 1/n
+    w = class_balanced_weights([1, 2, 4], beta=1 - 1e-9).double().numpy()
+    np.testing.assert_allclose(w, np.array([1, .5, .25]) * 3 / 1.75, rtol=1e-5)
+
+
+def test_ldam_margins_decrease_with_count(counts):
+    m = ldam_margins(counts, max_m=0.5).double().numpy()
+    np.testing.assert_allclose(m, ref_margins(counts, 0.5), rtol=1e-6)
+    assert m.max() == pytest.approx(0.5, rel=1e-7)
+    order = np.argsort(counts)
+    assert np.all(np.diff(m[order]) <= 1e-9), 'margins must not grow with the count'
+    assert m[np.argmin(counts)] > m[np.argmax(counts)]
+    # 16 times more images → half the margin (n^-1/4)
+    m2 = ldam_margins([10, 160], max_m=0.3).double().numpy()
+    assert m2[1] / m2[0] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_counts_by_class_name_are_put_in_column_order():
+    s = pd.Series({c: i + 1 for i, c in enumerate(CLASSES)}).iloc[::-1]
+    np.testing.assert_array_equal(class_counts(s), np.arange(1, 31))
+    m = ldam_margins(s).numpy()
+    assert m[0] == pytest.approx(0.5)  # 'Normal' has the single positive here → the largest margin
+
+
+def test_bad_counts_name_the_class():
+    bad = [100] * 30
+    bad[11] = 0
+    with pytest.raises(ValueError, match=r"class 11 \('Hernia'\) has 0.0; expected a positive number"):
+        class_balanced_weights(bad)
+    with pytest.raises(ValueError, match=r"class 2 has nan"):
+        LDAMLoss([3, 4, float('nan')])
+    with pytest.raises(ValueError, match='missing'):
+        class_counts(pd.Series({'Normal': 3, 'Hernia': 2}))
+    with pytest.raises(ValueError, match=r'1-D'):
+        class_counts([[1, 2], [3, 4]])
+
+
+# ---------------------------------------------------------------- BCE and focal loss
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+def test_bce_matches_reference(rng, reduction):
+    z, y = batch(rng)
+    w, pw = f32_exact(rng, 0.2, 3), f32_exact(rng, 0.5, 5)
+    ref = reduce(elementwise(ref_bce, z, y, per_class=lambda j: {'pos_weight': pw[j]}), w, reduction)
+    got = bce(t(z), t(y), weight=w, pos_weight=pw, reduction=reduction)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-12)
+    got = BCELoss(weight=w, pos_weight=pw, reduction=reduction)(t(z, torch.float32), t(y, torch.float32))
+    np.testing.assert_allclose(got.double().numpy(), ref, rtol=2e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('gamma,alpha', [(0.0, None), (1.0, None), (2.0, 0.25), (0.5, 0.75), (3.0, None)])
+def test_focal_matches_reference(rng, gamma, alpha):
+    z, y = batch(rng)
+    ref = elementwise(ref_focal, z, y, gamma=gamma, alpha=alpha)
+    got = FocalLoss(gamma, alpha, reduction='none')(t(z), t(y))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-12)
+
+
+def test_focal_gamma_zero_is_bce(rng):
+    z, y = batch(rng)
+    np.testing.assert_allclose(FocalLoss(0.0)(t(z), t(y)).item(), reduce(elementwise(ref_bce, z, y)), rtol=1e-10)
+
+
+# ---------------------------------------------------------------- Asymmetric Loss
+@pytest.mark.parametrize('params', [
+    dict(),                                                   # the paper's defaults (4, 1, 0.05, 1e-8)
+    dict(gamma_neg=2.0, gamma_pos=0.0, clip=0.1),
+    dict(gamma_neg=0.5, gamma_pos=0.5, clip=0.2, eps=1e-4),   # non-integer exponents, a coarse eps
+    dict(gamma_neg=4.0, gamma_pos=1.0, clip=0.0),
+    dict(gamma_neg=0.0, gamma_pos=2.0, clip=0.05),
+])
+@pytest.mark.parametrize('reduction', ['sum', 'mean', 'none'])
+def test_asl_matches_reference(rng, params, reduction):
+    z, y = batch(rng, scale=4.0)
+    w = f32_exact(rng, 0.1, 2)
+    ref = reduce(elementwise(ref_asl, z, y, **params), w, reduction)
+    got = AsymmetricLoss(**params, weight=w, reduction=reduction)(t(z), t(y))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-9, atol=1e-12)
+    got32 = AsymmetricLoss(**params, weight=w, reduction=reduction)(t(z, torch.float32), t(y, torch.float32))
+    np.testing.assert_allclose(got32.double().numpy(), ref, rtol=1e-4, atol=1e-6)
+
+
+def test_asl_default_reduction_is_the_reference_sum(rng):
+    z, y = batch(rng)
+    assert AsymmetricLoss().reduction == 'sum'
+    np.testing.assert_allclose(AsymmetricLoss()(t(z), t(y)).item(), elementwise(ref_asl, z, y).sum(), rtol=1e-10)
+
+
+def test_asl_eps_clamp_matches_reference_at_extreme_logits():
+    # σ(-25) ≈ 1.4e-11 < eps: the reference clamps log p at log(1e-8); so must we
+    z, y = np.array([[-25.0, 25.0, -40.0]]), np.array([[1.0, 0.0, 1.0]])
+    ref = elementwise(ref_asl, z, y, clip=0.0)
+    np.testing.assert_allclose(AsymmetricLoss(clip=0.0, reduction='none')(t(z), t(y)).numpy(), ref, rtol=1e-10)
+    assert ref[0, 0] == pytest.approx(-math.log(1e-8), rel=1e-6)
+
+
+def test_asl_special_cases(rng):
+    z, y = batch(rng)
+    summed_bce = elementwise(ref_bce, z, y).sum()
+    np.testing.assert_allclose(AsymmetricLoss(0, 0, 0)(t(z), t(y)).item(), summed_bce, rtol=1e-10)
+    for gamma in (0.5, 1.0, 2.0, 4.0):
+        summed_focal = elementwise(ref_focal, z, y, gamma=gamma).sum()
+        np.testing.assert_allclose(AsymmetricLoss(gamma, gamma, 0)(t(z), t(y)).item(), summed_focal, rtol=1e-10)
+        np.testing.assert_allclose(AsymmetricLoss(gamma, gamma, 0)(t(z), t(y)).item(),
+                                   FocalLoss(gamma, reduction='sum')(t(z), t(y)).item(), rtol=1e-10)
+
+
+def test_asl_hard_negatives_cost_more_than_easy_ones():
+    asl = AsymmetricLoss(reduction='none')
+    p = np.linspace(0.06, 0.99, 50)             # all above the clip 0.05
+    z = t(np.log(p / (1 - p))[None, :])
+    loss = asl(z, torch.zeros_like(z)).numpy()[0]
+    assert np.all(np.diff(loss) > 0), 'a negative predicted with higher probability must cost more'
+    assert loss[-1] > 100 * loss[0]
+    # the inverted focusing term (1 - p_m)^γ- found in some public CXR-LT code would rank them the other way round
+    inverted = [(1 - (pi - 0.05)) ** 4 * -math.log(1 - (pi - 0.05)) for pi in (0.9, 0.1)]
+    ours = asl(t([[math.log(9), math.log(1 / 9)]]), t([[0., 0.]])).numpy()[0]
+    assert ours[0] > ours[1] and inverted[0] < inverted[1]
+
+
+def test_asl_discards_easy_negatives_below_the_clip():
+    z = torch.tensor([[math.log(0.04 / 0.96), -3.0, -10.0]], dtype=torch.float64, requires_grad=True)
+    loss = AsymmetricLoss(reduction='sum')(z, torch.zeros_like(z))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.all(z.grad == 0)
+
+
+def test_asl_gradient_matches_finite_differences_of_the_reference(rng):
+    z, y = batch(rng, scale=2.0, rows=3, cols=8)
+    p = 1 / (1 + np.exp(-z))
+    z[np.abs(p - 0.05) < 0.01] += 1.0              # keep away from the clip's kink
+    zt = t(z).requires_grad_(True)
+    AsymmetricLoss(gamma_neg=3.0, gamma_pos=1.5, clip=0.05)(zt, t(y)).backward()
+    h = 1e-6
+    num = np.zeros_like(z)
+    for i in range(z.shape[0]):
+        for j in range(z.shape[1]):
+            num[i, j] = (ref_asl(z[i, j] + h, y[i, j], 3.0, 1.5) - ref_asl(z[i, j] - h, y[i, j], 3.0, 1.5)) / (2 * h)
+    np.testing.assert_allclose(zt.grad.numpy(), num, rtol=1e-5, atol=1e-8)
+
+
+# ---------------------------------------------------------------- LDAM
+@pytest.mark.parametrize('max_m,s', [(0.5, 30.0), (0.3, 10.0), (1.0, 1.0)])
+def test_ldam_matches_reference(rng, counts, max_m, s):
+    z = rng.uniform(-1, 1, (B, C))                  # cosine logits
+    y = (rng.random((B, C)) < 0.3).astype(np.float64)
+    y[0] = 0
+    m = ref_margins(counts, max_m)
+    ref = elementwise(ref_ldam, z, y, per_class=lambda j: {'margin': m[j]}, s=s)
+    got = LDAMLoss(counts, max_m=max_m, s=s, reduction='none')(t(z), t(y))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6, atol=1e-6 * s)  # margins are kept in float32
+    np.testing.assert_allclose(LDAMLoss(counts, max_m, s)(t(z), t(y)).item(), ref.mean(), rtol=1e-6)
+
+
+def test_ldam_margin_only_touches_positives(counts):
+    loss = LDAMLoss(counts, reduction='none')
+    z = torch.full((1, C), 0.2, dtype=torch.float64)
+    neg = loss(z, torch.zeros_like(z)).numpy()[0]
+    np.testing.assert_allclose(neg, math.log(1 + math.exp(30 * 0.2)), rtol=1e-12)  # same for every class
+    pos = loss(z, torch.ones_like(z)).numpy()[0]
+    rare, common = np.argmin(counts), np.argmax(counts)
+    assert pos[rare] > pos[common], 'the rarer class has the larger margin, so the same logit costs more'
+
+
+def test_ldam_probabilities_are_sigmoid_of_scaled_logits():
+    z = np.array([[-0.4, 0.0, 0.05, 0.9]])
+    loss = LDAMLoss([1, 10, 100, 1000], s=30.0)
+    np.testing.assert_allclose(loss.probabilities(t(z)).double().numpy(), [[sigmoid(30 * v) for v in z[0]]], rtol=1e-6)
+    # and DRW keeps them
+    np.testing.assert_allclose(DRW(loss, [1, 10, 100, 1000], 3).probabilities(t(z)).numpy(),
+                               loss.probabilities(t(z)).numpy())
+    assert BCELoss().probabilities(t([[0.0]])).item() == 0.5
+
+
+# ---------------------------------------------------------------- logit adjustment and negative-tolerant BCE
+@pytest.mark.parametrize('tau,adjustment', [(1.0, 'log_odds'), (0.5, 'log_odds'), (1.0, 'log_prior'), (2.0, 'log_prior')])
+def test_logit_adjusted_bce_matches_reference(rng, counts, tau, adjustment):
+    z, y = batch(rng)
+    ref = elementwise(ref_logit_adjusted, z, y, per_class=lambda j: {'n': counts[j]}, n_images=N_IMAGES, tau=tau,
+                      adjustment=adjustment)
+    got = LogitAdjustedBCE(counts, N_IMAGES, tau=tau, adjustment=adjustment, reduction='none')(t(z), t(y))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_logit_adjustment_favours_rare_classes_at_inference():
+    # the same raw logit is trained as a much lower one for a rare class: a rare positive costs more,
+    # pushing its raw logit up; predictions use σ(z) without the shift
+    la = LogitAdjustedBCE([30_000, 30], N_IMAGES, reduction='none')
+    loss = la(t([[0.0, 0.0]]), t([[1.0, 1.0]])).numpy()[0]
+    assert loss[1] > loss[0]
+    assert la.probabilities(t([[0.0]])).item() == 0.5
+
+
+@pytest.mark.parametrize('neg_scale,init_bias', [(2.0, 0.05), (5.0, 0.1), (1.0, 0.0)])
+def test_negative_tolerant_bce_matches_reference(rng, counts, neg_scale, init_bias):
+    z, y = batch(rng)
+    ref = elementwise(ref_ntr, z, y, per_class=lambda j: {'n': counts[j]}, n_images=N_IMAGES, neg_scale=neg_scale,
+                      init_bias=init_bias)
+    got = NegativeTolerantBCE(counts, N_IMAGES, neg_scale, init_bias, reduction='none')(t(z), t(y))
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_negative_tolerant_bce_without_regularisation_is_bce(rng, counts):
+    z, y = batch(rng)
+    got = NegativeTolerantBCE(counts, N_IMAGES, neg_scale=1.0, init_bias=0.0)(t(z), t(y)).item()
+    assert got == pytest.approx(elementwise(ref_bce, z, y).mean(), rel=1e-10)
+
+
+# ---------------------------------------------------------------- DRW, weights, factory
+def _build(name, counts, **kw):
+    extra = {'n_images': N_IMAGES} if name in ('logit_adjusted_bce', 'negative_tolerant_bce') else {}
+    return make_loss(name, counts, **extra, **kw)
+
+
+def _reference(name, z, y, counts):
+    "The float64 reference element-wise loss of each factory name with its defaults."
+    if name == 'bce': return elementwise(ref_bce, z, y)
+    if name == 'focal': return elementwise(ref_focal, z, y, gamma=2.0)
+    if name == 'asl': return elementwise(ref_asl, z, y)
+    if name in ('ldam', 'ldam_drw'):
+        m = ref_margins(counts, 0.5)
+        return elementwise(ref_ldam, z, y, per_class=lambda j: {'margin': m[j]}, s=30.0)
+    if name == 'logit_adjusted_bce':
+        return elementwise(ref_logit_adjusted, z, y, per_class=lambda j: {'n': counts[j]}, n_images=N_IMAGES, tau=1.0,
+                           adjustment='log_odds')
+    if name == 'negative_tolerant_bce':
+        return elementwise(ref_ntr, z, y, per_class=lambda j: {'n': counts[j]}, n_images=N_IMAGES, neg_scale=2.0,
+                           init_bias=0.05)
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize('name', list(LOSSES))
+def test_drw_uniform_then_class_balanced_for_every_loss(rng, counts, name):
+    z = rng.uniform(-1, 1, (B, C)) if name.startswith('ldam') else rng.normal(0, 3, (B, C))
+    y = (rng.random((B, C)) < 0.3).astype(np.float64)
+    y[0] = 0
+    loss = _build(name, counts, drw_start_epoch=3, drw_beta=0.999)
+    assert isinstance(loss, DRW)
+    ref = _reference(name, z, y, counts)
+    red = loss.reduction
+    w = np.array(ref_cb_weights(counts, 0.999))
+    for epoch, weight in [(0, None), (2, None), (3, w), (7, w)]:
+        got = loss.set_epoch(epoch)(t(z), t(y))
+        np.testing.assert_allclose(got.numpy(), reduce(ref, weight, red), rtol=2e-6, atol=1e-6, err_msg=f'{name} epoch {epoch}')
+        assert loss.active == (weight is not None)
+
+
+def test_drw_multiplies_the_wrapped_losses_own_weight(rng, counts):
+    z, y = batch(rng)
+    own = f32_exact(rng, 0.5, 2)
+    drw = DRW(FocalLoss(2.0, weight=own, reduction='sum'), counts, start_epoch=1)
+    ref = elementwise(ref_focal, z, y, gamma=2.0)
+    np.testing.assert_allclose(drw(t(z), t(y)).item(), reduce(ref, own, 'sum'), rtol=1e-9)
+    cb = np.array(ref_cb_weights(counts, 0.9999))
+    np.testing.assert_allclose(drw.set_epoch(1)(t(z), t(y)).item(), reduce(ref, own * cb, 'sum'), rtol=1e-6)
+    np.testing.assert_allclose(drw.elementwise(t(z), t(y)).numpy(), ref, rtol=1e-9)
+
+
+def test_drw_rejects_bad_epochs_and_losses(counts):
+    with pytest.raises(ValueError, match='start_epoch must be an integer >= 0'):
+        DRW(BCELoss(), counts, start_epoch=-1)
+    with pytest.raises(ValueError, match='epoch must be an integer >= 0'):
+        DRW(BCELoss(), counts, start_epoch=1).set_epoch(1.5)
+    with pytest.raises(ValueError, match='DRW counts have 30 classes but the wrapped loss has 3'):
+        DRW(LDAMLoss([1, 2, 3]), counts, start_epoch=1)
+    with pytest.raises(TypeError, match='DRW wraps a cxrlt.losses loss'):
+        DRW(torch.nn.BCEWithLogitsLoss(), counts, start_epoch=1)
+
+
+@pytest.mark.parametrize('name', list(LOSSES))
+def test_every_loss_takes_a_per_class_weight(rng, counts, name):
+    z = rng.uniform(-1, 1, (B, C)) if name.startswith('ldam') else rng.normal(0, 3, (B, C))
+    y = (rng.random((B, C)) < 0.3).astype(np.float64)
+    w = f32_exact(rng, 0.0, 3)
+    kw = {'drw_start_epoch': 100} if name == 'ldam_drw' else {}
+    loss = _build(name, counts, weight=w, reduction='sum', **kw)
+    np.testing.assert_allclose(loss(t(z), t(y)).item(), reduce(_reference(name, z, y, counts), w, 'sum'), rtol=2e-6)
+    with pytest.raises(ValueError, match='weight'):
+        _build(name, counts, weight=[1.0] * 29 + [-1.0], **kw)
+
+
+def test_make_loss_errors_list_what_is_valid(counts):
+    with pytest.raises(ValueError, match="unknown loss 'ce'; valid losses: bce, focal, asl, ldam, ldam_drw, logit_adjusted_bce"):
+        make_loss('ce', counts)
+    with pytest.raises(TypeError, match=r"loss 'ldam' does not take \['gamma'\]; it takes: max_m, s, weight, reduction"):
+        make_loss('ldam', counts, gamma=2)
+    with pytest.raises(ValueError, match="loss 'asl' with DRW needs the per-class training counts"):
+        make_loss('asl', drw_start_epoch=4)
+    with pytest.raises(ValueError, match='needs n_images'):
+        make_loss('negative_tolerant_bce', counts)
+    with pytest.raises(ValueError, match='needs drw_start_epoch'):
+        make_loss('ldam_drw', counts)
+    assert make_loss('asl', gamma_neg=2.0, gamma_pos=0.0, clip=0.1, reduction='mean').clip == 0.1
+    assert make_loss('ldam', counts, max_m=0.3).margins.max().item() == pytest.approx(0.3)
+
+
+# ---------------------------------------------------------------- numerical safety
+@pytest.mark.parametrize('name', list(LOSSES))
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_loss_and_gradients_at_extreme_logits(counts, name, dtype):
+    z = torch.tensor([[100.0, -100.0] * (C // 2), [-100.0, 100.0] * (C // 2), [0.0] * C], dtype=dtype, requires_grad=True)
+    y = torch.tensor([[1.0] * C, [1.0, 0.0] * (C // 2), [0.0] * C])
+    kw = {'drw_start_epoch': 0}
+    for extra in ({}, {'gamma': 0.3} if name == 'focal' else {'gamma_neg': 0.3, 'gamma_pos': 0.2} if name == 'asl' else {}):
+        for reduction in ('mean', 'sum', 'none'):
+            z.grad = None
+            loss = _build(name, counts, reduction=reduction, **kw, **extra)(z, y)
+            assert loss.dtype == (torch.float32 if dtype != torch.float64 else dtype)
+            loss.sum().backward()
+            assert torch.isfinite(loss).all(), (name, dtype, reduction, extra)
+            assert torch.isfinite(z.grad.float()).all(), (name, dtype, reduction, extra)
+
+
+@pytest.mark.parametrize('name', list(LOSSES))
+def test_all_zero_label_rows(rng, counts, name):
+    z = rng.uniform(-1, 1, (4, C)) if name.startswith('ldam') else rng.normal(0, 3, (4, C))
+    y = np.zeros((4, C))
+    zt = t(z).requires_grad_(True)
+    loss = _build(name, counts, drw_start_epoch=0)(zt, t(y))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zt.grad).all()
+    np.testing.assert_allclose(loss.item(), reduce(_reference(name, z, y, counts), ref_cb_weights(counts, 0.9999),
+                                                   _build(name, counts, drw_start_epoch=0).reduction), rtol=2e-6)
+
+
+def test_half_precision_logits_are_computed_in_float32(rng):
+    z, y = batch(rng)
+    zh = t(z, torch.bfloat16)
+    got = AsymmetricLoss()(zh, t(y, torch.float32))
+    assert got.dtype == torch.float32
+    ref = elementwise(ref_asl, zh.double().numpy(), y).sum()
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+    # under CPU autocast, a linear head's bf16 output feeds the loss
+    head = torch.nn.Linear(8, C)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        logits = head(torch.randn(B, 8))
+        assert logits.dtype == torch.bfloat16
+        v = make_loss('ldam', np.arange(1, C + 1))(logits, t(y, torch.float32))
+    assert v.dtype == torch.float32 and torch.isfinite(v)
+
+
+def test_bad_shapes_and_reductions_are_named():
+    with pytest.raises(ValueError, match=r'same \(batch, classes\) shape, got \(2, 3\) and \(2, 4\)'):
+        BCELoss()(torch.zeros(2, 3), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r'got \(3,\) and \(3,\)'):
+        FocalLoss()(torch.zeros(3), torch.zeros(3))
+    with pytest.raises(ValueError, match='LDAMLoss: built for 3 classes'):
+        LDAMLoss([1, 2, 3])(torch.zeros(2, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        AsymmetricLoss(reduction='batchmean')
+    with pytest.raises(TypeError, match='must be torch tensors'):
+        BCELoss()(np.zeros((2, 2)), torch.zeros(2, 2))
+    with pytest.raises(ValueError, match='clip must lie in'):
+        AsymmetricLoss(clip=1.5)
+
+
+def test_losses_are_modules_whose_buffers_follow_the_model(counts):
+    loss = make_loss('ldam_drw', counts, drw_start_epoch=1, weight=np.ones(C))
+    names = {n for n, _ in loss.named_buffers()}
+    assert names == {'class_weight', 'loss.weight', 'loss.margins'}
+    assert all(isinstance(m, MultiLabelLoss) for m in [loss.loss])
+    assert loss.to(torch.float64).class_weight.dtype == torch.float64  # .to() moves every buffer
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
+def test_losses_on_cuda_match_cpu(rng, counts):
+    z, y = batch(rng)
+    for name in LOSSES:
+        loss = _build(name, counts, drw_start_epoch=0)
+        cpu = loss(t(z, torch.float32), t(y, torch.float32))
+        gpu = loss.cuda()(t(z, torch.float32).cuda(), t(y, torch.float32).cuda())
+        assert gpu.item() == pytest.approx(cpu.item(), rel=1e-4), name
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            v = loss(t(z, torch.bfloat16).cuda(), t(y, torch.float32).cuda())
+        assert v.dtype == torch.float32 and torch.isfinite(v)
