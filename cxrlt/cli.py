@@ -3,16 +3,18 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'info', 'run_command', 'main']
 
-# %% ../nbs/10_cli.ipynb #17517607
+# %% ../nbs/10_cli.ipynb #e63f757f
 import importlib, platform, sys
 from fastcore.script import anno_parser
 
-# %% ../nbs/10_cli.ipynb #33dcc026
+# %% ../nbs/10_cli.ipynb #61194098
 COMMANDS = {
     'info': ('cxrlt.cli:info', 'versions, compute device and the CXR-LT classes'),
+    'cache': ('cxrlt.images:cache_cli', 'decode and resize the images of a challenge CSV into a uint8 cache'),
+    'train': ('cxrlt.train:train_cli', 'train one run from a config file (resumes when rerun)'),
 }
 
-# %% ../nbs/10_cli.ipynb #c48aacc7
+# %% ../nbs/10_cli.ipynb #3628f28b
 def info(classes:bool=False, # also list the 30 Task 1 classes in column order
         ):
     "Print cxrlt's version, the versions of its key packages, the compute device and the class count."
@@ -26,7 +28,7 @@ def info(classes:bool=False, # also list the 30 Task 1 classes in column order
     if classes:
         for i, c in enumerate(CLASSES): print(f'  {i:2d} {c}')
 
-# %% ../nbs/10_cli.ipynb #5d728bf5
+# %% ../nbs/10_cli.ipynb #d58db143
 def _version() -> str:
     from cxrlt import __version__
     return __version__
