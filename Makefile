@@ -6,7 +6,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cxrlt-installed
 KERNEL := cxrlt
 
-.PHONY: install test check-notebooks nbtest pytest export clean-venv
+.PHONY: install test check-notebooks nbtest pytest export clean-venv demo site
+TABLE ?= runs/table-demo
 
 install: $(STAMP)
 
@@ -37,3 +38,12 @@ test: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The main job on the embedded default: synthetic data, all 17 rows (CPU proxies), site.
+demo: install
+	$(BIN)/cxrlt table --preset demo --out $(TABLE)
+	$(BIN)/cxrlt site --table $(TABLE)
+
+# The site alone, from the last demo table when there is one.
+site: install
+	$(BIN)/cxrlt site $(if $(wildcard $(TABLE)/table.json),--table $(TABLE))

@@ -3,18 +3,22 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'info', 'run_command', 'main']
 
-# %% ../nbs/10_cli.ipynb #e63f757f
+# %% ../nbs/10_cli.ipynb #bdd9dbbb
 import importlib, platform, sys
 from fastcore.script import anno_parser
 
-# %% ../nbs/10_cli.ipynb #61194098
+# %% ../nbs/10_cli.ipynb #61ec1f81
 COMMANDS = {
     'info': ('cxrlt.cli:info', 'versions, compute device and the CXR-LT classes'),
+    'synth': ('cxrlt.synth:synth_cli', 'write the synthetic CXR-LT look-alike (challenge files, PNGs, DICOMs)'),
     'cache': ('cxrlt.images:cache_cli', 'decode and resize the images of a challenge CSV into a uint8 cache'),
     'train': ('cxrlt.train:train_cli', 'train one run from a config file (resumes when rerun)'),
+    'table': ('cxrlt.study:table_cli', "run the paper's table (papermill; local or SLURM)"),
+    'site': ('cxrlt.study:site_cli', 'build the project site (results page, API notebooks, explorer)'),
+    'submit': ('cxrlt.posttrain:submit_cli', 'write the CXR-LT submission zip (CSV + code/)'),
 }
 
-# %% ../nbs/10_cli.ipynb #3628f28b
+# %% ../nbs/10_cli.ipynb #cb884f6c
 def info(classes:bool=False, # also list the 30 Task 1 classes in column order
         ):
     "Print cxrlt's version, the versions of its key packages, the compute device and the class count."
@@ -28,7 +32,7 @@ def info(classes:bool=False, # also list the 30 Task 1 classes in column order
     if classes:
         for i, c in enumerate(CLASSES): print(f'  {i:2d} {c}')
 
-# %% ../nbs/10_cli.ipynb #d58db143
+# %% ../nbs/10_cli.ipynb #3f861e2c
 def _version() -> str:
     from cxrlt import __version__
     return __version__
@@ -41,13 +45,20 @@ def _usage() -> str:
     lines += ['', "Run 'cxrlt <command> --help' for a command's options."]
     return '\n'.join(lines)
 
+def _underscored(arg:str) -> str:
+    "An option spelt with hyphens (`--test-csv=x`) in the underscore form fastcore declares (`--test_csv=x`)."
+    if not arg.startswith('--'): return arg
+    opt, eq, val = arg.partition('=')
+    return '--' + opt[2:].replace('-', '_') + eq + val
+
 def run_command(name:str, # a key of `COMMANDS`
                 argv:list, # the command's own arguments
                ):
-    "Parse `argv` against the command's signature and call it."
+    "Parse `argv` against the command's signature and call it; `--test-csv` and `--test_csv` both work."
     module, func_name = COMMANDS[name][0].split(':')
     func = getattr(importlib.import_module(module), func_name)
     parser = anno_parser(func, prog=f'cxrlt {name}')
+    argv = [_underscored(a) for a in argv]
     kwargs = vars(parser.parse_args(argv))
     for extra in ('pdb', 'xtra'): kwargs.pop(extra, None)
     return func(**kwargs)

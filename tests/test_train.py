@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from PIL import Image
 
+from conftest import tiny_challenge
 from cxrlt.labels import CLASSES
 
 BIN = Path(sys.executable).parent
@@ -16,24 +16,8 @@ ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONWARNINGS': 'ignore'}
 
 @pytest.fixture(scope='module')
 def tiny(tmp_path_factory):
-    "96 16-bit PNGs in the challenge's format: each class a bright square at its own place, plus noise; cached at 32 px."
-    from cxrlt.images import build_cache
-    folder = tmp_path_factory.mktemp('tiny')
-    (folder/'images').mkdir()
-    rng = np.random.default_rng(0)
-    n, size = 96, 48
-    y = (rng.random((n, len(CLASSES))) < np.linspace(0.5, 0.02, len(CLASSES))).astype(int)
-    for i in range(n):
-        img = rng.normal(20000, 3000, (size, size))
-        for j in np.flatnonzero(y[i]):
-            r, c = divmod(j, 6)
-            img[4 + 7*r: 9 + 7*r, 4 + 7*c: 9 + 7*c] += 25000
-        Image.fromarray(np.clip(img, 0, 65535).astype(np.uint16)).save(folder/'images'/f'img{i:04d}.png')
-    ids = pd.DataFrame({'ImageID': [f'img{i:04d}.png' for i in range(n)], 'StudyDate_DICOM': 20200101,
-                        'PatientID': [f'{i + 1}.00E+30' for i in range(n)]})
-    pd.concat([ids, pd.DataFrame(y, columns=CLASSES)], axis=1).to_csv(folder/'train.csv', index=False)
-    build_cache(ids.ImageID.tolist(), folder/'images', folder/'cache', size=32, workers=1, progress=False)
-    return folder
+    "96 training images, each class a bright square at its own place; cached at 32 px."
+    return tiny_challenge(tmp_path_factory.mktemp('tiny'))
 
 
 def write_config(folder, out, **kw):

@@ -1,0 +1,70 @@
+"The study as users run it: `cxrlt table` through papermill, failures, skips, submitit, and the site."
+import json, re, subprocess, sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def cxrlt(*args, **kw):
+    return subprocess.run([str(BIN/'cxrlt'), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=900, **kw)
+
+
+@pytest.fixture(scope='module')
+def smoke_table(tmp_path_factory):
+    "Rows 1 (made to fail), 3 and 4 (cRT on 3) of the smoke preset."
+    out = tmp_path_factory.mktemp('table')
+    r = cxrlt('table', '--preset', 'smoke', '--rows', '1,3,4', '--out', out, '--overrides', json.dumps({'1': {'loss_kwargs': {'no_such_option': 1}}}))
+    return out, r
+
+
+def test_failing_row_is_recorded_and_others_finish(smoke_table):
+    out, r = smoke_table
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert 'row  1: failed' in r.stdout and 'row  3: done' in r.stdout and 'row  4: done' in r.stdout, r.stdout
+    err = json.loads((out/'rows'/'row01'/'error.json').read_text())
+    assert 'no_such_option' in err['error'] and 'Traceback' in err['traceback'] or 'no_such_option' in err['traceback']
+    assert (out/'rows'/'row01'/'train_row.ipynb').exists()  # the executed notebook is the record
+    res = pd.read_csv(out/'results.csv')
+    assert set(res.row) == {3, 4}
+    assert {'AP', 'AUC', 'F1', 'ECE'} <= set(res.metric)
+    assert res[(res.split == 'val') & (res.metric == 'AP')].ci_low.notna().all()
+
+
+def test_rerun_skips_finished_rows(smoke_table):
+    out, _ = smoke_table
+    before = (out/'rows'/'row03'/'result.json').stat().st_mtime_ns
+    r = cxrlt('table', '--preset', 'smoke', '--rows', '3,4', '--out', out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'row  3: skipped' in r.stdout and 'row  4: skipped' in r.stdout
+    assert (out/'rows'/'row03'/'result.json').stat().st_mtime_ns == before
+
+
+def test_submitit_local_runs_dependent_rows(smoke_table, tmp_path):
+    from cxrlt.study import run_table
+    s = run_table('smoke', [4], executor='submitit-local', out=tmp_path/'t', progress=False)
+    assert s['failed'] == []
+    assert [s['rows'][r]['status'] for r in ('3', '4')] == ['done', 'done']
+    assert all('job_id' in s['rows'][r] for r in ('3', '4'))
+    r3 = json.loads((tmp_path/'t'/'rows'/'row03'/'result.json').read_text())
+    r4 = json.loads((tmp_path/'t'/'rows'/'row04'/'result.json').read_text())
+    assert r4['run_dirs'] == r3['run_dirs']  # cRT reused row 3's training
+
+
+def test_site_builds_offline(smoke_table):
+    from cxrlt.study import build_site, quarto_pages
+    out, _ = smoke_table
+    cfg = yaml.safe_load((ROOT/'_quarto.yml').read_text())
+    assert cfg['project']['type'] == 'website'
+    page = build_site(out, ROOT, n_bootstrap=20, use_quarto=False)
+    for p in quarto_pages(ROOT):  # every page the Quarto config lists exists once the site is built
+        assert (ROOT/p).exists(), p
+        assert (ROOT/'_site'/Path(p).with_suffix('.html')).exists(), p
+    html = (ROOT/'_site'/'_build'/'results.html').read_text()
+    assert "Our table beside the paper" in html and 'data:image/png;base64' in html
+    assert not re.findall(r'(?:src|href)="https?://(?:cdn|ajax|fonts)', html)
+    assert 'results.html' in page.read_text()
