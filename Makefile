@@ -39,11 +39,12 @@ test: install
 clean-venv:
 	rm -rf $(VENV)
 
-# The main job on the embedded default: synthetic data, all 17 rows (CPU proxies), site.
+# The main job on the embedded default: synthetic data, all 17 rows (CPU proxies), Grad-CAM explorer, site.
 demo: install
 	$(BIN)/cxrlt table --preset demo --out $(TABLE)
-	$(BIN)/cxrlt site --table $(TABLE)
+	$(BIN)/cxrlt cam --run $(TABLE)/runs --out $(TABLE)/explorer
+	$(BIN)/cxrlt site --table $(TABLE) --explorer $(TABLE)/explorer
 
 # The site alone, from the last demo table when there is one.
 site: install
-	$(BIN)/cxrlt site $(if $(wildcard $(TABLE)/table.json),--table $(TABLE))
+	$(BIN)/cxrlt site $(if $(wildcard $(TABLE)/table.json),--table $(TABLE)) $(if $(wildcard $(TABLE)/explorer/index.html),--explorer $(TABLE)/explorer)

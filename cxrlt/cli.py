@@ -3,11 +3,11 @@
 # %% auto #0
 __all__ = ['COMMANDS', 'info', 'run_command', 'main']
 
-# %% ../nbs/10_cli.ipynb #bdd9dbbb
+# %% ../nbs/10_cli.ipynb #0b37c352
 import importlib, platform, sys
 from fastcore.script import anno_parser
 
-# %% ../nbs/10_cli.ipynb #61ec1f81
+# %% ../nbs/10_cli.ipynb #7c23a392
 COMMANDS = {
     'info': ('cxrlt.cli:info', 'versions, compute device and the CXR-LT classes'),
     'synth': ('cxrlt.synth:synth_cli', 'write the synthetic CXR-LT look-alike (challenge files, PNGs, DICOMs)'),
@@ -15,10 +15,11 @@ COMMANDS = {
     'train': ('cxrlt.train:train_cli', 'train one run from a config file (resumes when rerun)'),
     'table': ('cxrlt.study:table_cli', "run the paper's table (papermill; local or SLURM)"),
     'site': ('cxrlt.study:site_cli', 'build the project site (results page, API notebooks, explorer)'),
+    'cam': ('cxrlt.cam:cam_cli', 'Grad-CAM tiles of every model of a run or table run, and the explorer page'),
     'submit': ('cxrlt.posttrain:submit_cli', 'write the CXR-LT submission zip (CSV + code/)'),
 }
 
-# %% ../nbs/10_cli.ipynb #cb884f6c
+# %% ../nbs/10_cli.ipynb #b081b52d
 def info(classes:bool=False, # also list the 30 Task 1 classes in column order
         ):
     "Print cxrlt's version, the versions of its key packages, the compute device and the class count."
@@ -32,7 +33,7 @@ def info(classes:bool=False, # also list the 30 Task 1 classes in column order
     if classes:
         for i, c in enumerate(CLASSES): print(f'  {i:2d} {c}')
 
-# %% ../nbs/10_cli.ipynb #3f861e2c
+# %% ../nbs/10_cli.ipynb #e312e495
 def _version() -> str:
     from cxrlt import __version__
     return __version__
