@@ -288,6 +288,8 @@ def create_model(name:str, # a cxrlt model name (`MODELS`), optionally with a ti
     load = pretrained or pretrained_path is not None
     kw = dict(num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans)
     if timm_name.startswith('efficientformerv2'):
+        if size and (size[0] % 32 or size[1] % 32):
+            raise ValueError(f'{name}: EfficientFormerV2 needs an input size divisible by 32 (its attention downsampling), got {size}')
         kw.update(distillation=False, img_size=size or (224, 224))
         if load and kw['img_size'] != (224, 224):
             source = _build(timm_name, True, weights_file, **{**kw, 'img_size': (224, 224)})

@@ -394,6 +394,15 @@ def _split_scores(y, ell_before, ell_after, n_bins) -> dict:
     return {'ece_before': expected_calibration_error(y, expit(ell_before), n_bins), 'ece_after': expected_calibration_error(y, expit(ell_after), n_bins),
             'nll_before': float(binary_nll(y, ell_before).mean()), 'nll_after': float(binary_nll(y, ell_after).mean())}
 
+def _validation_rows(predictions, labels) -> tuple:
+    "A prediction file's path, table, validation mask, label source, log-odds and validation labels."
+    path = Path(predictions)
+    frame = read_predictions(path)
+    val = _rows(frame, 'val', path)
+    lab = _label_source(labels, path)
+    ell = log_odds(frame)
+    return path, frame, val, lab, ell, labels_for(lab, frame.ImageID[val], 'validation images')
+
 def calibrate(predictions, # a prediction file with 'val' rows (and usually 'test' rows)
               method:str='temperature', # one of `CALIBRATION_METHODS`
               labels=None, # label source (see `read_labels`); default: the run holding `predictions`
@@ -401,12 +410,7 @@ def calibrate(predictions, # a prediction file with 'val' rows (and usually 'tes
               n_bins:int=15, # ECE bins
              ) -> dict:
     "Fit a calibration map on a prediction file's validation rows; write the calibrated file and its reliability diagram."
-    path = Path(predictions)
-    frame = read_predictions(path)
-    val = _rows(frame, 'val', path)
-    lab = _label_source(labels, path)
-    ell = log_odds(frame)
-    y_val = labels_for(lab, frame.ImageID[val], 'validation images')
+    path, frame, val, lab, ell, y_val = _validation_rows(predictions, labels)
     cal = fit_calibrator(method, y_val, ell[val])
     new = cal.log_odds(ell)
     panels = {'val': (y_val, val)}
@@ -468,12 +472,7 @@ def threshold_predictions(predictions, # a prediction file with 'val' rows
                          ) -> dict:
     "Fit per-class thresholds on the validation rows; write the shifted prediction file and a per-class table."
     from cxrlt.metrics import f1_at_thresholds
-    path = Path(predictions)
-    frame = read_predictions(path)
-    val = _rows(frame, 'val', path)
-    lab = _label_source(labels, path)
-    ell = log_odds(frame)
-    y_val = labels_for(lab, frame.ImageID[val], 'validation images')
+    path, frame, val, lab, ell, y_val = _validation_rows(predictions, labels)
     th, ok = fit_thresholds(y_val, expit(ell[val]), method)
     unfitted = [c for c, k in zip(CLASSES, ok) if not k]
     if unfitted: logger.warning(f'thresholds: {len(unfitted)} class(es) cannot be fitted on the validation rows and keep 0.5: {unfitted}')

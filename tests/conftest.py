@@ -1,5 +1,7 @@
 "Shared test data: a tiny data set in the challenge's format that a small CNN learns in seconds."
 import numpy as np
+import pytest
+import torch
 import pandas as pd
 from PIL import Image
 
@@ -40,3 +42,12 @@ def tiny_challenge(folder, # where to write images/, train.csv (and test.csv, te
         ids += test.ImageID.tolist()
     build_cache(ids, folder/'images', folder/'cache', size=cache_size, workers=1, progress=False)
     return folder
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    "One torch thread for a module: tiny tensors on shared cores lose more to a second thread than they gain."
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -20,13 +20,7 @@ CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-backg
 PANEL_CLASSES = ['Normal', 'aortic elongation', 'cardiomegaly', 'calcified densities']   # the last: rare, negatives
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    "One torch thread: these tiny models gain nothing from two, and lose much when the two cores are shared."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')

@@ -17,13 +17,7 @@ CLASSIFIER_PREFIX = {'resnet': 'fc.', 'densenet': 'classifier.', 'efficientnet':
                      'efficientformerv2': 'head.', 'convnext': 'head.fc.'}
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    "Tiny tensors on shared cores: a second torch thread costs more than it saves."
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture
@@ -224,3 +218,11 @@ def test_complexity_table():
     assert t.loc['efficientformerv2_s0', 'params_M@512'] > t.loc['efficientformerv2_s0', 'params_M@224']
     # ResNet-101 adds 17 bottleneck blocks to ResNet-50's 16: about 1.9x the multiply-adds (7.8 vs 4.1 G, torchvision)
     assert 1.8 < t.loc['resnet101', 'GFLOPs@224'] / t.loc['resnet50', 'GFLOPs@224'] < 2.0
+
+
+def test_efficientformerv2_refuses_sizes_it_cannot_run():
+    from cxrlt.models import create_model
+    with pytest.raises(ValueError, match='divisible by 32'):
+        create_model('efficientformerv2_s0', img_size=48)
+    m = create_model('efficientformerv2_s0', img_size=64).eval()
+    with torch.no_grad(): assert m(torch.zeros(1, 3, 64, 64)).shape == (1, 30)

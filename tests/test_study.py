@@ -65,6 +65,6 @@ def test_site_builds_offline(smoke_table):
         assert (ROOT/p).exists(), p
         assert (ROOT/'_site'/Path(p).with_suffix('.html')).exists(), p
     html = (ROOT/'_site'/'_build'/'results.html').read_text()
-    assert "Our table beside the paper" in html and 'data:image/png;base64' in html
+    assert "Our table beside the paper" in html and "skip_exec" not in html and 'data:image/png;base64' in html
     assert not re.findall(r'(?:src|href)="https?://(?:cdn|ajax|fonts)', html)
     assert 'results.html' in page.read_text()

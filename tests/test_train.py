@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from conftest import tiny_challenge
@@ -101,3 +102,27 @@ def test_bad_config_key_is_refused(tiny, tmp_path):
     config = write_config(tiny, tmp_path/'bad')
     r = train(config, 'learning_rate=0.1')
     assert r.returncode != 0 and "unknown key 'learning_rate'" in r.stderr
+
+
+def test_options_of_a_long_run(tiny, tmp_path):
+    "EMA, gradient clipping, accumulation, class-aware sampling, LDAM-DRW with a cosine head and early stopping in one run."
+    from cxrlt.core import load_checkpoint
+    r = train(write_config(tiny, tmp_path/'opts', epochs=6, ema_decay=0.5, grad_clip=1.0, accum_steps=2, sampler='class_aware',
+                           loss='ldam', head='normed', drw_start_epoch=2, patience=1, warmup_epochs=0.5, lr=0.01))
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path/'opts'/'row'
+    h = pd.read_csv(run/'history.csv')
+    m = json.loads((run/'metrics.json').read_text())
+    assert 2 <= len(h) <= 6 and m['epochs_run'] == len(h)
+    if len(h) < 6:  # stopped early: the last `patience` epochs did not beat the best one
+        assert h.val_mAP.iloc[-1] <= h.val_mAP.max() and h.val_mAP.idxmax() == len(h) - 2
+    best = load_checkpoint(run/'best.pt')
+    last = load_checkpoint(run/'last.pt')
+    assert best['epoch'] == m['best_epoch'] == int(h.val_mAP.idxmax()) + 1
+    # the EMA weights, not the raw ones, are what was evaluated and kept as best
+    assert set(last['ema']) == set(last['model'])
+    if best['epoch'] == len(h):
+        assert all(torch.equal(best['model'][k], last['ema'][k]) for k in best['model'])
+    p = pd.read_csv(run/'predictions.csv')
+    s = 30.0  # LDAM's scale: probabilities are sigmoid(s * cosine logits)
+    assert np.allclose(p[CLASSES].to_numpy(), 1 / (1 + np.exp(-s * p[[f'logit:{c}' for c in CLASSES]].to_numpy())), atol=1e-6)
