@@ -7,7 +7,7 @@ __all__ = ['PRESETS', 'LOSSES', 'POST_STEPS', 'EXECUTORS', 'METRICS', 'CLAIMS', 
            'execute_row', 'run_table', 'collect_results', 'compare_with_paper', 'paper_claims', 'table_cli',
            'quarto_pages', 'build_site', 'site_cli']
 
-# %% ../nbs/11_study.ipynb #e0b75c8f
+# %% ../nbs/11_study.ipynb #257b15a2
 import dataclasses, hashlib, importlib.resources, json, os, time, traceback
 from pathlib import Path
 from typing import Optional
@@ -18,7 +18,7 @@ import pandas as pd
 from .core import load_json, logger, save_csv, save_json
 from .labels import CLASSES
 
-# %% ../nbs/11_study.ipynb #e3dc092c
+# %% ../nbs/11_study.ipynb #a5fe36a8
 def _package_csv(name:str) -> pd.DataFrame:
     with importlib.resources.files('cxrlt').joinpath('paper', name).open('r', encoding='utf-8') as f:
         return pd.read_csv(f, keep_default_na=False, na_values=[''])
@@ -34,7 +34,7 @@ def leaderboard() -> pd.DataFrame:
     "The official CXR-LT 2026 Task 1 test leaderboard (top 6 teams; macro mAP, AUC, F1)."
     return _package_csv('leaderboard.csv').set_index('rank')
 
-# %% ../nbs/11_study.ipynb #47c19b11
+# %% ../nbs/11_study.ipynb #a50fe3c1
 @dataclasses.dataclass(frozen=True)
 class Preset:
     "How a table run trains: data source, backbones, size and optimisation budget."
@@ -68,7 +68,7 @@ def backbone_name(model:str, # the paper's model name, e.g. 'ConvNeXt-Large'
     if model not in by_name: raise KeyError(f'unknown paper model {model!r}; known: {", ".join(by_name)}')
     return CPU_PROXIES[by_name[model]] if preset.proxies else by_name[model]
 
-# %% ../nbs/11_study.ipynb #be3a7264
+# %% ../nbs/11_study.ipynb #c58c760e
 def table_data(preset:Preset, # the preset of the table
                table_dir, # the table's folder
                data=None, # the CXR-LT 2026 folder (paper preset; optional otherwise)
@@ -98,7 +98,7 @@ def table_data(preset:Preset, # the preset of the table
         out[f'{split}_cache'] = cache
     return {k: (str(v) if v is not None else None) for k, v in out.items()}
 
-# %% ../nbs/11_study.ipynb #c08b3945
+# %% ../nbs/11_study.ipynb #857e3772
 def training_config(row:int, # a row of `paper_table()` that trains (no base row)
                     preset:Preset, data:dict, table_dir, overrides:dict=None) -> dict:
     "The `TrainConfig` (as a dict) of a training row."
@@ -132,7 +132,7 @@ def row_plan(rows=None, # rows to run (default: all 17)
         if r not in need: need.add(r); stack.extend(t.loc[r, 'base_rows'])
     return sorted(need, key=lambda r: (len(t.loc[r, 'base_rows']) > 0, r))
 
-# %% ../nbs/11_study.ipynb #1b9ac80e
+# %% ../nbs/11_study.ipynb #712ccad5
 def split_labels(data:dict) -> dict:
     "For 'val' and 'test': ImageID-indexed labels, patient keys and the training class groups."
     from cxrlt.data import join_padchest, load_split, read_training_csv
@@ -173,7 +173,7 @@ def score_predictions(predictions, # a predictions CSV (ImageID, split, CLASSES 
         result[split] = ev.summary
     return result
 
-# %% ../nbs/11_study.ipynb #58f8723e
+# %% ../nbs/11_study.ipynb #e0a3086d
 def row_notebook() -> Path:
     "The parameterised row notebook of this checkout."
     import cxrlt
@@ -225,7 +225,7 @@ def run_row(params:dict, # from `row_parameters`
         raise
     return load_json(d/'result.json')
 
-# %% ../nbs/11_study.ipynb #7b91ecb1
+# %% ../nbs/11_study.ipynb #08ff29dc
 POST_STEPS = ('cRT', 'TTA', 'calibration', 'ensemble')
 
 def post_train(post:str, # the row's post-training, e.g. 'cRT+TTA' ('' re-scores the base row)
@@ -270,7 +270,7 @@ def _crt_tta(run_dir:Path, crt_file:Path, out:Path) -> Path:
     pt.write_predictions(pd.concat(frames, ignore_index=True), out, {'step': 'cRT+TTA', 'run': str(run_dir), 'views': list(pt.TTA_VIEWS)})
     return out
 
-# %% ../nbs/11_study.ipynb #7d9e2608
+# %% ../nbs/11_study.ipynb #4f650441
 def execute_row(params:dict, # from `row_parameters`
                 table_dir, # the table's folder
                ) -> dict:
@@ -296,7 +296,7 @@ def execute_row(params:dict, # from `row_parameters`
     save_json(result, d/'result.json')
     return result
 
-# %% ../nbs/11_study.ipynb #57aff7f3
+# %% ../nbs/11_study.ipynb #7532034a
 EXECUTORS = ('local', 'submitit-local', 'slurm')
 
 def _submitit_executor(kind:str, table_dir:Path, slurm:dict=None):
@@ -370,7 +370,6 @@ def run_table(preset:str='smoke', # 'smoke', 'demo' or 'paper'
     return summary
 
 def _finish_job(row, job, status, table_dir):
-    t0 = time.time()
     try:
         job.result()
         status[row] = {'status': 'done', 'job_id': job.job_id}
@@ -380,7 +379,7 @@ def _finish_job(row, job, status, table_dir):
         status[row] = {'status': 'failed', 'job_id': job.job_id, 'error': msg}
         logger.error(f'row {row} failed: {msg}')
 
-# %% ../nbs/11_study.ipynb #2849ec5e
+# %% ../nbs/11_study.ipynb #975be3e1
 METRICS = {'AP': 'mAP', 'AUC': 'mAUC', 'F1': 'mF1', 'ECE': 'ECE'}
 
 def collect_results(table_dir) -> pd.DataFrame:
@@ -409,7 +408,7 @@ def compare_with_paper(results:pd.DataFrame, split:str='val') -> pd.DataFrame:
         out[f'Δ {m}'] = out[f'ours {m}'] - out[f'paper {m}']
     return out
 
-# %% ../nbs/11_study.ipynb #e02c9d86
+# %% ../nbs/11_study.ipynb #4cb69915
 CLAIMS = [  # (claim, row a, row b, the paper says a - b is ...)
     ('LDAM-DRW beats BCE (ResNet-50)', 3, 1, '>'),
     ('LDAM-DRW beats ASL (ResNet-50)', 3, 2, '>'),
@@ -450,7 +449,7 @@ def paper_claims(table_dir, # a table folder with finished rows
 def _row_data(table_dir, result:dict) -> dict:
     return load_json(row_dir(table_dir, result['row'])/'params.json')['data']
 
-# %% ../nbs/11_study.ipynb #e540126d
+# %% ../nbs/11_study.ipynb #cd89f567
 def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic data), 'demo' (demo synthetic data, CPU proxies) or 'paper' (real data, GPUs)
               rows:str=None, # comma-separated rows of the paper's table, e.g. '1,3,4' (default: all 17)
               executor:str='local', # 'local', 'submitit-local' or 'slurm'
@@ -471,7 +470,7 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic data), 'demo' (demo 
     print(f"results: {Path(s['table_dir'])/'results.csv'}")
     return 1 if s['failed'] else 0
 
-# %% ../nbs/11_study.ipynb #a7ea8357
+# %% ../nbs/11_study.ipynb #85f24c44
 def quarto_pages(root='.') -> list:
     "The pages `_quarto.yml` renders (globs expanded), relative to `root`."
     import yaml
@@ -537,7 +536,7 @@ def build_site(table_dir=None, # a finished table for the results page (default:
                 f'<ul>\n{items}\n</ul></body></html>\n')
     return site/'index.html'
 
-# %% ../nbs/11_study.ipynb #150f23b7
+# %% ../nbs/11_study.ipynb #3e87cfb9
 def site_cli(table:str=None, # a finished table folder for the results page
              explorer:str=None, # a Grad-CAM explorer folder (from `cxrlt cam`) to publish
              root:str='.', # the repository root (holding _quarto.yml)
