@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cxrlt-installed
 KERNEL := cxrlt
 
-.PHONY: install test check-notebooks nbtest pytest export clean-venv demo site
+.PHONY: install test lint hooks check-notebooks nbtest pytest export clean-venv demo site
 TABLE ?= runs/table-demo
 
 install: $(STAMP)
@@ -24,6 +24,14 @@ export: install
 # Fails when nbdev_export or nbdev_clean would change a tracked file, naming the notebook.
 check-notebooks: install
 	$(BIN)/python .ci/check_notebooks.py
+
+# ruff over the notebooks (the source), tests, benchmarks and CI scripts; settings in pyproject.toml.
+lint: install
+	$(BIN)/ruff check
+
+# nbdev_clean, nbdev_export and ruff before every commit (see .pre-commit-config.yaml).
+hooks: install
+	$(BIN)/pre-commit install
 
 nbtest: install
 	$(BIN)/nbdev_test --n_workers 2

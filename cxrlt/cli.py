@@ -14,7 +14,7 @@ COMMANDS = {
     'cache': ('cxrlt.images:cache_cli', 'decode and resize the images of a challenge CSV into a uint8 cache'),
     'train': ('cxrlt.train:train_cli', 'train one run from a config file (resumes when rerun)'),
     'table': ('cxrlt.study:table_cli', "run the paper's table (papermill; local or SLURM)"),
-    'site': ('cxrlt.study:site_cli', 'build the project site (results page, API notebooks, explorer)'),
+    'site': ('cxrlt.site:site_cli', 'build the project site (results page, API notebooks, explorer)'),
     'cam': ('cxrlt.cam:cam_cli', 'Grad-CAM tiles of every model of a run or table run, and the explorer page'),
     'submit': ('cxrlt.posttrain:submit_cli', 'write the CXR-LT submission zip (CSV + code/)'),
 }

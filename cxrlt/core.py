@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['logger', 'MANIFEST_PACKAGES', 'get_logger', 'seed_everything', 'choose_device', 'atomic_write', 'save_json',
            'load_json', 'save_csv', 'save_checkpoint', 'load_checkpoint', 'package_versions', 'git_state', 'host_info',
-           'start_run', 'end_run', 'run_directory', 'Config']
+           'start_run', 'end_run', 'log_to_file', 'run_directory', 'Config']
 
 # %% ../nbs/00_core.ipynb #33618545
 import contextlib, dataclasses, datetime, difflib, json, logging, os, platform, random, socket
@@ -193,22 +193,29 @@ def end_run(run_dir, # a directory made by `start_run`
     return m
 
 @contextlib.contextmanager
-def run_directory(root, name:str=None, params=None, resume:bool=False):
-    "`start_run`, log to `log.txt` inside the run, and `end_run` with status 'failed' and the error if the body raises."
-    run_dir = start_run(root, name, params, resume)
-    handler = logging.FileHandler(run_dir/'log.txt', encoding='utf-8')
+def log_to_file(path, # log file (appended to)
+               ):
+    "Copy the `cxrlt` logger's records into `path` while the body runs."
+    handler = logging.FileHandler(path, encoding='utf-8')
     handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
     logger.addHandler(handler)
-    try:
-        yield run_dir
-    except BaseException as e:
-        end_run(run_dir, 'failed', f'{type(e).__name__}: {e}')
-        raise
-    else:
-        end_run(run_dir)
+    try: yield Path(path)
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+@contextlib.contextmanager
+def run_directory(root, name:str=None, params=None, resume:bool=False):
+    "`start_run`, log to `log.txt` inside the run, and `end_run` with status 'failed' and the error if the body raises."
+    run_dir = start_run(root, name, params, resume)
+    with log_to_file(run_dir/'log.txt'):
+        try:
+            yield run_dir
+        except BaseException as e:
+            end_run(run_dir, 'failed', f'{type(e).__name__}: {e}')
+            raise
+        else:
+            end_run(run_dir)
 
 # %% ../nbs/00_core.ipynb #a9de9cd2
 def _type_name(tp) -> str:

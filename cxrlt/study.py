@@ -4,8 +4,7 @@
 __all__ = ['PRESETS', 'LOSSES', 'POST_STEPS', 'EXECUTORS', 'METRICS', 'CLAIMS', 'paper_table', 'leaderboard', 'Preset',
            'backbone_name', 'table_data', 'training_config', 'row_plan', 'split_labels', 'score_predictions',
            'row_notebook', 'kernel_name', 'row_dir', 'row_parameters', 'row_is_done', 'run_row', 'post_train',
-           'execute_row', 'run_table', 'collect_results', 'compare_with_paper', 'paper_claims', 'table_cli',
-           'quarto_pages', 'build_site', 'site_cli']
+           'execute_row', 'run_table', 'collect_results', 'compare_with_paper', 'paper_claims', 'table_cli']
 
 # %% ../nbs/11_study.ipynb #257b15a2
 import dataclasses, hashlib, importlib.resources, json, os, time, traceback
@@ -469,80 +468,3 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic data), 'demo' (demo 
     for r, st in s['rows'].items(): print(f"row {int(r):2d}: {st['status']}" + (f" ({st.get('error') or st.get('reason')})" if st['status'] in ('failed', 'blocked') else ''))
     print(f"results: {Path(s['table_dir'])/'results.csv'}")
     return 1 if s['failed'] else 0
-
-# %% ../nbs/11_study.ipynb #85f24c44
-def quarto_pages(root='.') -> list:
-    "The pages `_quarto.yml` renders (globs expanded), relative to `root`."
-    import yaml
-    root = Path(root)
-    cfg = yaml.safe_load((root/'_quarto.yml').read_text(encoding='utf-8'))
-    pages = []
-    for pattern in cfg['project']['render']:
-        found = sorted(str(p.relative_to(root)) for p in root.glob(pattern)) if any(ch in pattern for ch in '*?[') else [pattern]
-        pages += [p for p in found if p not in pages]
-    return pages
-
-def _html_page(nb_path:Path) -> str:
-    "One notebook as static HTML: its front matter becomes the heading, images are embedded, nothing is loaded from a CDN."
-    import nbformat, re, yaml
-    from nbconvert import HTMLExporter
-    nb = nbformat.read(nb_path, as_version=4)
-    if nb.cells and nb.cells[0].cell_type == 'raw' and nb.cells[0].source.startswith('---'):
-        fm = yaml.safe_load(nb.cells[0].source.strip().strip('-')) or {}
-        nb.cells[0] = nbformat.v4.new_markdown_cell(f"# {fm.get('title', nb_path.stem)}\n\n{fm.get('description', '')}")
-    exporter = HTMLExporter(template_name='lab', mathjax_url='', require_js_url='', embed_images=True)
-    body, _ = exporter.from_notebook_node(nb)
-    return re.sub(r'<script src=""></script>', '', body)
-
-def build_site(table_dir=None, # a finished table for the results page (default: none, results page omitted)
-               root='.', # the repository root (holding _quarto.yml)
-               explorer=None, # a Grad-CAM explorer folder (with index.html) to publish
-               n_bootstrap:int=200, # replicates of the paired claim tests on the results page
-               use_quarto:bool=None, # default: when `quarto` is on PATH
-              ) -> Path:
-    "Build the project site into `<root>/_site`; returns the page to open."
-    import shutil, subprocess, papermill as pm
-    from cxrlt.core import atomic_write
-    root = Path(root).resolve()
-    build = root/'_build'
-    build.mkdir(exist_ok=True)
-    if table_dir is not None:
-        pm.execute_notebook(str(root/'nbs'/'results.ipynb'), str(build/'results.ipynb'), kernel_name=kernel_name(), progress_bar=False,
-                            parameters={'table_dir': str(Path(table_dir).resolve()), 'n_bootstrap': n_bootstrap}, cwd=str(root))
-    if explorer is not None:
-        shutil.rmtree(build/'explorer', ignore_errors=True)
-        shutil.copytree(explorer, build/'explorer')
-    use_quarto = shutil.which('quarto') is not None if use_quarto is None else use_quarto
-    site = root/'_site'
-    if use_quarto:
-        subprocess.run(['quarto', 'render'], cwd=root, check=True)
-        return site/'nbs'/'index.html'
-    links = []
-    for page in quarto_pages(root):
-        src = root/page
-        if not src.exists(): continue
-        dest = site/Path(page).with_suffix('.html')
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(dest) as f: f.write(_html_page(src))
-        links.append((page, dest.relative_to(site)))
-    if (build/'explorer').exists():
-        shutil.rmtree(site/'_build'/'explorer', ignore_errors=True)
-        shutil.copytree(build/'explorer', site/'_build'/'explorer')
-        links.append(('Grad-CAM explorer', Path('_build/explorer/index.html')))
-    items = '\n'.join(f'<li><a href="{href}">{name}</a></li>' for name, href in links)
-    with atomic_write(site/'index.html') as f:
-        f.write(f'<!doctype html><html><head><meta charset="utf-8"><title>cxrlt</title></head><body>'
-                f'<h1>cxrlt</h1><p>Long-tailed multi-label chest X-ray classification: a reproducible CXR-LT 2026 study.</p>'
-                f'<ul>\n{items}\n</ul></body></html>\n')
-    return site/'index.html'
-
-# %% ../nbs/11_study.ipynb #3e87cfb9
-def site_cli(table:str=None, # a finished table folder for the results page
-             explorer:str=None, # a Grad-CAM explorer folder (from `cxrlt cam`) to publish
-             root:str='.', # the repository root (holding _quarto.yml)
-             n_bootstrap:int=200, # replicates of the paired claim tests
-            ) -> int:
-    "Build the project site (Quarto where installed, else static HTML with nbconvert) and print the page to open."
-    page = build_site(table, root, explorer, n_bootstrap)
-    print(f'site: open {page}')
-    return 0

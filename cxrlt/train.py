@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['SAMPLERS', 'cosine_warmup_factor', 'amp_dtype', 'autocast_for', 'init_distributed', 'gather_to_rank0',
            'broadcast_from_rank0', 'rng_state', 'set_rng_state', 'unwrap', 'train_one_epoch', 'predict_logits',
-           'TrainConfig', 'training_data', 'test_data', 'fit', 'train_cli', 'run_config', 'load_best_model',
-           'run_datasets']
+           'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'fit', 'train_cli', 'run_config',
+           'load_best_model', 'run_datasets']
 
 # %% ../nbs/07_train.ipynb #f211d209
 import contextlib, dataclasses, functools, math, os, time, typing
@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+from fastcore.basics import patch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (Config, choose_device, end_run, load_checkpoint, load_json, logger, save_checkpoint,
-                        save_csv, save_json, seed_everything, start_run)
+from .core import (Config, atomic_write, choose_device, end_run, load_checkpoint, load_json, log_to_file, logger,
+                        save_checkpoint, save_csv, save_json, seed_everything, start_run)
 from .labels import CLASSES
 
 # %% ../nbs/07_train.ipynb #af2bb47d
@@ -274,7 +275,7 @@ def test_data(cfg:TrainConfig) -> Optional[dict]:
         labels = answers.loc[df.ImageID, CLASSES].to_numpy(np.float32)
     return {'test': df, 'cache': cache, 'labels': labels}
 
-# %% ../nbs/07_train.ipynb #ca48a48e
+# %% ../nbs/07_train.ipynb #af08f551
 def _make_sampler(cfg, labels, rank, world):
     from cxrlt.data import ClassAwareSampler, InstanceBalancedSampler, RepeatFactorSampler, SquareRootSampler
     cls = {'instance': InstanceBalancedSampler, 'class_aware': ClassAwareSampler, 'sqrt': SquareRootSampler,
@@ -287,13 +288,15 @@ def _loss_counts(counts:np.ndarray) -> np.ndarray:
     if zero: logger.warning(f'classes without training positives, counted as 1 for the loss: {zero}')
     return np.maximum(counts, 1)
 
+# %% ../nbs/07_train.ipynb #1519f776
 def _predict_dataset(model, ds, cfg, rank, world, device, autocast) -> Optional[np.ndarray]:
     "Logits for every item of `ds`, each process predicting its share; the full array on rank 0, None elsewhere."
     idx = np.arange(len(ds))
     pad = (-len(idx)) % world
     mine = np.concatenate([idx, idx[:pad]])[rank::world]
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine.tolist()), batch_size=max(1, cfg.batch_size // world),
-                                         shuffle=False, num_workers=cfg.num_workers)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine.tolist()),
+                                         batch_size=max(1, cfg.batch_size // world), shuffle=False,
+                                         num_workers=cfg.num_workers)
     logits = predict_logits(model, loader, device=device, autocast=autocast, channels_last=cfg.channels_last,
                             progress=cfg.progress and rank == 0)
     parts = gather_to_rank0((mine, logits))
@@ -305,161 +308,262 @@ def _predict_dataset(model, ds, cfg, rank, world, device, autocast) -> Optional[
 def _probabilities(loss_fn, logits:np.ndarray) -> np.ndarray:
     return loss_fn.probabilities(torch.from_numpy(logits)).double().numpy()
 
+# %% ../nbs/07_train.ipynb #2acef5d5
 def _plot_curves(history:pd.DataFrame, path:Path):
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
-    ax[0].plot(history.epoch, history.train_loss, 'o-', label='train'); ax[0].plot(history.epoch, history.val_loss, 'o-', label='val')
+    ax[0].plot(history.epoch, history.train_loss, 'o-', label='train')
+    ax[0].plot(history.epoch, history.val_loss, 'o-', label='val')
     ax[0].set(xlabel='epoch', ylabel='loss', title='loss'); ax[0].legend()
     ax[1].plot(history.epoch, history.val_mAP, 'o-'); ax[1].set(xlabel='epoch', ylabel='macro mAP', title='validation mAP')
     ax[2].plot(history.epoch, history.lr, 'o-'); ax[2].set(xlabel='epoch', ylabel='lr (end of epoch)', title='learning rate')
     fig.tight_layout()
-    from cxrlt.core import atomic_write
     with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
 
 def _predictions_frame(ids, split:str, probs:np.ndarray, logits:np.ndarray) -> pd.DataFrame:
     df = pd.DataFrame({'ImageID': list(ids), 'split': split})
-    return pd.concat([df, pd.DataFrame(probs, columns=CLASSES), pd.DataFrame(logits, columns=[f'logit:{c}' for c in CLASSES])], axis=1)
+    logit_columns = pd.DataFrame(logits, columns=[f'logit:{c}' for c in CLASSES])
+    return pd.concat([df, pd.DataFrame(probs, columns=CLASSES), logit_columns], axis=1)
 
-# %% ../nbs/07_train.ipynb #c1297a4e
-def fit(cfg:TrainConfig) -> dict:
-    "Train (or resume, or return the finished) run described by `cfg`; returns its metrics and run directory."
-    from cxrlt.images import CachedImageDataset, train_augmentation
-    from cxrlt.losses import make_loss
-    from cxrlt.metrics import evaluate
-    from cxrlt.models import create_model
-    from cxrlt.labels import class_groups
-    import timm.optim, timm.utils
-    rank, world, device = init_distributed(cfg.device)
-    if cfg.batch_size % world: raise ValueError(f'batch_size {cfg.batch_size} must be divisible by the {world} processes')
-    seed_everything(cfg.seed, cfg.deterministic)
-    run_dir = Path(cfg.out_dir)/cfg.resolved_run_name()
-    finished = None
+# %% ../nbs/07_train.ipynb #af2ed4b1
+class CheckpointSaver:
+    "`last.pt` (everything that resumes training exactly) after each epoch, `best.pt` (evaluated weights) on improvement."
+    def __init__(self, run_dir, # the run directory
+                 model:nn.Module, optimizer, scheduler, # what trains
+                 scaler=None, # the float16 gradient scaler, if any
+                 ema=None, # the timm `ModelEmaV3`, if any: its weights are the ones evaluated and kept as best
+                ):
+        self.run_dir, self.model, self.optimizer, self.scheduler = Path(run_dir), model, optimizer, scheduler
+        self.scaler, self.ema = scaler, ema
+        self.last, self.best = self.run_dir/'last.pt', self.run_dir/'best.pt'
+
+    @property
+    def evaluated(self) -> nn.Module:
+        "The model whose weights are evaluated: the EMA's when there is one."
+        return self.ema.module if self.ema is not None else self.model
+
+# %% ../nbs/07_train.ipynb #a02cbc28
+@patch
+def save(self:CheckpointSaver, state:dict, # the training state (epoch, best, history, ...) after an epoch
+         improved:bool, # whether this epoch's validation mAP is the best so far
+        ):
+    "Write `best.pt` when `improved`, then `last.pt`."
+    if improved:
+        save_checkpoint({'model': self.evaluated.state_dict(), 'epoch': state['epoch'], 'val_mAP': state['best_map'],
+                         'model_config': self.model.cxrlt_config}, self.best)
+    ck = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
+          'scheduler': self.scheduler.state_dict(), 'state': state, 'rng': rng_state()}
+    if self.scaler is not None: ck['scaler'] = self.scaler.state_dict()
+    if self.ema is not None: ck['ema'] = self.ema.module.state_dict()
+    save_checkpoint(ck, self.last)
+
+# %% ../nbs/07_train.ipynb #bd46fe9d
+@patch
+def resume(self:CheckpointSaver, device) -> Optional[dict]:
+    "Load `last.pt` into every object and restore the generators; the saved training state, or None without one."
+    if not self.last.exists(): return None
+    ck = load_checkpoint(self.last, map_location=device)
+    self.model.load_state_dict(ck['model'])
+    self.optimizer.load_state_dict(ck['optimizer'])
+    self.scheduler.load_state_dict(ck['scheduler'])
+    if self.scaler is not None: self.scaler.load_state_dict(ck['scaler'])
+    if self.ema is not None: self.ema.module.load_state_dict(ck['ema'])
+    set_rng_state(ck['rng'])
+    return ck['state']
+
+@patch
+def load_best(self:CheckpointSaver, device) -> dict:
+    "Load `best.pt`'s weights into the model; returns the checkpoint."
+    best = load_checkpoint(self.best, map_location=device)
+    self.model.load_state_dict(best['model'])
+    return best
+
+# %% ../nbs/07_train.ipynb #d94a68e6
+def _new_state() -> dict: return {'epoch': 0, 'best_map': -math.inf, 'best_epoch': -1, 'bad_epochs': 0, 'history': []}
+
+def _record_epoch(state:dict, row:dict) -> bool:
+    "Add an epoch's history row (with its `val_mAP`) to `state`; whether it is the best epoch so far."
+    state['history'].append(row)
+    improved = row['val_mAP'] > state['best_map']
+    if improved: state.update(best_map=row['val_mAP'], best_epoch=row['epoch'], bad_epochs=0)
+    else: state['bad_epochs'] += 1
+    state['epoch'] = row['epoch']
+    return improved
+
+def _should_stop(state:dict, patience:Optional[int]) -> bool:
+    return state['bad_epochs'] >= (patience or math.inf)
+
+# %% ../nbs/07_train.ipynb #f8dc1a7a
+def _open_run(cfg:TrainConfig, rank:int) -> tuple:
+    "The run directory and, when the run is already complete, its saved metrics (rank 0 decides for every rank)."
+    run_dir, finished = Path(cfg.out_dir)/cfg.resolved_run_name(), None
     if rank == 0:
         if (run_dir/'metrics.json').exists() and load_json(run_dir/'manifest.json').get('status') == 'completed':
             finished = load_json(run_dir/'metrics.json')
             logger.info(f'{run_dir} is already complete; returning its metrics')
         else: start_run(cfg.out_dir, run_dir.name, cfg, resume=True)
-    finished = broadcast_from_rank0(finished)
+    return run_dir, broadcast_from_rank0(finished)
+
+def _run_data(cfg:TrainConfig, rank:int, world:int) -> dict:
+    "`training_data` on every rank, rank 0 first (it may create the shared split file)."
+    data = training_data(cfg) if rank == 0 else None
+    if world > 1: dist.barrier()
+    return data if rank == 0 else training_data(cfg)
+
+# %% ../nbs/07_train.ipynb #57613ccf
+def _train_loader(cfg:TrainConfig, dataset, labels:np.ndarray, rank:int, world:int, device) -> torch.utils.data.DataLoader:
+    "Each process's loader of training batches, drawn by the configured long-tail sampler."
+    sampler, per_rank = _make_sampler(cfg, labels, rank, world), cfg.batch_size // world
+    return torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
+                                       drop_last=len(sampler) > per_rank, pin_memory=device.type == 'cuda')
+
+def _build_model(cfg:TrainConfig, size:int, device) -> nn.Module:
+    "The configured backbone with a 30-class head, on `device` (channels_last when asked)."
+    from cxrlt.models import create_model
+    model = create_model(cfg.backbone, num_classes=len(CLASSES), pretrained=cfg.pretrained,
+                         pretrained_path=cfg.pretrained_path, head=cfg.head, drop_rate=cfg.drop_rate, img_size=size)
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+# %% ../nbs/07_train.ipynb #39bd9ce3
+def _optimisation(cfg:TrainConfig, model:nn.Module, n_batches:int, device) -> dict:
+    "Optimizer, warm-up + cosine schedule (per optimizer step), autocast, float16 scaler and EMA of `cfg`."
+    import timm.optim, timm.utils
+    optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                               momentum=cfg.momentum)
+    steps_per_epoch = math.ceil(n_batches / cfg.accum_steps)
+    total, warm = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_warmup_factor(s, total, warm, cfg.min_lr_ratio))
+    dtype = amp_dtype(device, cfg.amp)
+    return {'optimizer': optimizer, 'scheduler': scheduler, 'autocast': autocast_for(device, dtype),
+            'scaler': torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
+            'ema': timm.utils.ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None}
+
+def _wrap_for_training(cfg:TrainConfig, model:nn.Module, world:int, device) -> nn.Module:
+    "`model` compiled (when asked) and wrapped in DistributedDataParallel under several processes."
+    if cfg.compile: model = torch.compile(model)
+    if world == 1: return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
+
+# %% ../nbs/07_train.ipynb #993ee44f
+def _validate(model, loss_fn, val_ds, y_val:np.ndarray, groups, cfg, rank, world, device, autocast) -> Optional[dict]:
+    "Validation loss, mAP and mAUC of `model` (on rank 0; None elsewhere)."
+    from cxrlt.metrics import evaluate
+    logits = _predict_dataset(model, val_ds, cfg, rank, world, device, autocast)
+    if rank != 0: return None
+    ev = evaluate(y_val, _probabilities(loss_fn, logits), groups=groups)
+    val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val)))
+    return {'val_loss': val_loss, 'val_mAP': ev.summary['mAP'], 'val_mAUC': ev.summary['mAUC']}
+
+def _log_epoch(row:dict, improved:bool):
+    logger.info(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
+                f"val mAP {row['val_mAP']:.4f}{' (best)' if improved else ''}, {row['images_per_s']:.1f} img/s")
+
+# %% ../nbs/07_train.ipynb #06435624
+def _load_best(saver:CheckpointSaver, rank:int, world:int, device):
+    "Every rank's model gets the weights of `best.pt` (rank 0 reads first)."
+    if rank == 0: saver.load_best(device)
+    if world > 1: dist.barrier()
+    if rank != 0: saver.load_best(device)
+
+def _score_split(run_dir:Path, split:str, ids, labels, logits:np.ndarray, loss_fn, groups) -> tuple:
+    "A split's rows of the predictions file, and its metrics (saved under `run_dir/split`) when it has labels."
+    from cxrlt.metrics import evaluate
+    probs = _probabilities(loss_fn, logits)
+    frame = _predictions_frame(ids, split, probs, logits)
+    if labels is None: return frame, None
+    ev = evaluate(labels, probs, groups=groups)
+    ev.save(run_dir/split, params={'run': run_dir.name, 'split': split, 'checkpoint': 'best.pt'})
+    return frame, ev.summary
+
+# %% ../nbs/07_train.ipynb #158b3700
+def _predict_and_save(cfg, model, loss_fn, val_df, y_val, val_ds, groups, state, run_dir, rank, world, device,
+                      autocast) -> Optional[dict]:
+    "Predictions of the best checkpoint on val (and test); rank 0 writes them with metrics, curves and the end of the run."
+    from cxrlt.images import CachedImageDataset
+    val_logits = _predict_dataset(model, val_ds, cfg, rank, world, device, autocast)
+    test = test_data(cfg)
+    if test is not None:
+        test_ds = CachedImageDataset(test['cache'], test['test'].ImageID)
+        test_logits = _predict_dataset(model, test_ds, cfg, rank, world, device, autocast)
+    if rank != 0: return None
+    frame, val_summary = _score_split(run_dir, 'val', val_df.ImageID, y_val, val_logits, loss_fn, groups)
+    frames, result = [frame], {'best_epoch': state['best_epoch'], 'epochs_run': state['epoch'], 'val': val_summary,
+                               'test': None}
+    if test is not None:
+        frame, result['test'] = _score_split(run_dir, 'test', test['test'].ImageID, test['labels'], test_logits,
+                                             loss_fn, groups)
+        frames.append(frame)
+    save_csv(pd.concat(frames, ignore_index=True), run_dir/'predictions.csv')
+    _plot_curves(pd.DataFrame(state['history']), run_dir/'curves.png')
+    save_json({'params': cfg.to_dict(), **result}, run_dir/'metrics.json')
+    end_run(run_dir)
+    return result
+
+# %% ../nbs/07_train.ipynb #48eab3f5
+def fit(cfg:TrainConfig) -> dict:
+    "Train (or resume, or return the finished) run described by `cfg`; returns its metrics and run directory."
+    rank, world, device = init_distributed(cfg.device)
+    if cfg.batch_size % world: raise ValueError(f'batch_size {cfg.batch_size} must be divisible by the {world} processes')
+    seed_everything(cfg.seed, cfg.deterministic)
+    run_dir, finished = _open_run(cfg, rank)
     if finished is not None: return {**finished, 'run_dir': str(run_dir)}
-    log_file = None
-    if rank == 0:
-        import logging
-        log_file = logging.FileHandler(run_dir/'log.txt', encoding='utf-8')
-        log_file.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(message)s'))
-        logger.addHandler(log_file)
     try:
-        # data (rank 0 first: it may create the shared split file)
-        if rank == 0: data = training_data(cfg)
-        if world > 1: dist.barrier()
-        if rank != 0: data = training_data(cfg)
-        train_df, val_df, cache = data['train'], data['val'], data['cache']
-        y_train, y_val = train_df[CLASSES].to_numpy(np.float32), val_df[CLASSES].to_numpy(np.float32)
-        counts = y_train.sum(0).astype(np.int64)
-        train_ds = CachedImageDataset(cache, train_df.ImageID, y_train, transform=train_augmentation(cfg.augment))
-        val_ds = CachedImageDataset(cache, val_df.ImageID, y_val)
-        sampler = _make_sampler(cfg, y_train, rank, world)
-        per_rank = cfg.batch_size // world
-        train_loader = torch.utils.data.DataLoader(train_ds, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
-                                                   drop_last=len(sampler) > per_rank, pin_memory=device.type == 'cuda')
-        # model, loss, optimisation
-        model = create_model(cfg.backbone, num_classes=len(CLASSES), pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
-                             head=cfg.head, drop_rate=cfg.drop_rate, img_size=cache.size).to(device)
-        if cfg.channels_last: model = model.to(memory_format=torch.channels_last)
-        loss_fn = make_loss(cfg.loss, _loss_counts(counts), drw_start_epoch=cfg.drw_start_epoch, drw_beta=cfg.drw_beta, **cfg.loss_kwargs)
-        loss_scale = float(world) if getattr(loss_fn, 'reduction', 'mean') == 'sum' else 1.0
-        optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
-        n_batches = len(train_loader) if cfg.max_batches_per_epoch is None else min(len(train_loader), cfg.max_batches_per_epoch)
-        steps_per_epoch = math.ceil(n_batches / cfg.accum_steps)
-        total, warm = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_warmup_factor(s, total, warm, cfg.min_lr_ratio))
-        dtype = amp_dtype(device, cfg.amp)
-        autocast = autocast_for(device, dtype)
-        scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-        ema = timm.utils.ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-        train_model = torch.compile(model) if cfg.compile else model
-        if world > 1: train_model = nn.parallel.DistributedDataParallel(train_model, device_ids=[device.index] if device.type == 'cuda' else None)
-        # resume
-        state = {'epoch': 0, 'best_map': -math.inf, 'best_epoch': -1, 'bad_epochs': 0, 'history': []}
-        if (run_dir/'last.pt').exists():
-            ck = load_checkpoint(run_dir/'last.pt', map_location=device)
-            model.load_state_dict(ck['model']); optimizer.load_state_dict(ck['optimizer']); scheduler.load_state_dict(ck['scheduler'])
-            if scaler is not None: scaler.load_state_dict(ck['scaler'])
-            if ema is not None: ema.module.load_state_dict(ck['ema'])
-            state = ck['state']
-            set_rng_state(ck['rng'])
-            if rank == 0: logger.info(f"resuming {run_dir.name} after epoch {state['epoch']} of {cfg.epochs}")
-        groups = class_groups(counts, len(train_df))
-        for epoch in range(state['epoch'], cfg.epochs):
-            if state['bad_epochs'] >= (cfg.patience or math.inf): break
-            sampler.set_epoch(epoch)
-            if hasattr(loss_fn, 'set_epoch'): loss_fn.set_epoch(epoch)
-            t0 = time.perf_counter()
-            tr = train_one_epoch(train_model, train_loader, loss_fn, optimizer, scheduler, device=device, autocast=autocast, scaler=scaler,
-                                 accum_steps=cfg.accum_steps, grad_clip=cfg.grad_clip, ema=ema, channels_last=cfg.channels_last,
-                                 max_batches=cfg.max_batches_per_epoch, world_size=world, loss_scale=loss_scale,
-                                 desc=f'epoch {epoch + 1}/{cfg.epochs}', progress=cfg.progress and rank == 0)
-            eval_model = ema.module if ema is not None else model
-            val_logits = _predict_dataset(eval_model, val_ds, cfg, rank, world, device, autocast)
-            if rank == 0:
-                ev = evaluate(y_val, _probabilities(loss_fn, val_logits), groups=groups)
-                val_loss = float(loss_fn(torch.from_numpy(val_logits), torch.from_numpy(y_val)))
-                row = {'epoch': epoch + 1, 'train_loss': tr['train_loss'], 'val_loss': val_loss, 'val_mAP': ev.summary['mAP'],
-                       'val_mAUC': ev.summary['mAUC'], 'lr': tr['lr'], 'images_per_s': tr['images_per_s'],
-                       'epoch_time_s': time.perf_counter() - t0}
-                state['history'].append(row)
-                improved = ev.summary['mAP'] > state['best_map']
-                if improved: state.update(best_map=ev.summary['mAP'], best_epoch=epoch + 1, bad_epochs=0)
-                else: state['bad_epochs'] += 1
-                state['epoch'] = epoch + 1
-                if improved: save_checkpoint({'model': eval_model.state_dict(), 'epoch': epoch + 1, 'val_mAP': ev.summary['mAP'],
-                                              'model_config': model.cxrlt_config}, run_dir/'best.pt')
-                ck = {'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
-                      'state': state, 'rng': rng_state()}
-                if scaler is not None: ck['scaler'] = scaler.state_dict()
-                if ema is not None: ck['ema'] = ema.module.state_dict()
-                save_checkpoint(ck, run_dir/'last.pt')
-                save_csv(pd.DataFrame(state['history']), run_dir/'history.csv')
-                logger.info(f"epoch {epoch + 1}: train loss {tr['train_loss']:.4f}, val loss {val_loss:.4f}, val mAP {ev.summary['mAP']:.4f}"
-                            f"{' (best)' if improved else ''}, {tr['images_per_s']:.1f} img/s")
-            state = broadcast_from_rank0(state)
-        # final predictions from the best checkpoint
-        best = load_checkpoint(run_dir/'best.pt', map_location=device) if rank == 0 else None
-        if world > 1: dist.barrier()
-        if rank != 0: best = load_checkpoint(run_dir/'best.pt', map_location=device)
-        model.load_state_dict(best['model'])
-        val_logits = _predict_dataset(model, val_ds, cfg, rank, world, device, autocast)
-        test = test_data(cfg)
-        test_logits = None
-        if test is not None:
-            test_ds = CachedImageDataset(test['cache'], test['test'].ImageID)
-            test_logits = _predict_dataset(model, test_ds, cfg, rank, world, device, autocast)
-        result = None
-        if rank == 0:
-            val_probs = _probabilities(loss_fn, val_logits)
-            frames = [_predictions_frame(val_df.ImageID, 'val', val_probs, val_logits)]
-            val_ev = evaluate(y_val, val_probs, groups=groups)
-            val_ev.save(run_dir/'val', params={'run': run_dir.name, 'split': 'val', 'checkpoint': 'best.pt'})
-            result = {'best_epoch': state['best_epoch'], 'epochs_run': state['epoch'], 'val': val_ev.summary, 'test': None}
-            if test is not None:
-                test_probs = _probabilities(loss_fn, test_logits)
-                frames.append(_predictions_frame(test['test'].ImageID, 'test', test_probs, test_logits))
-                if test['labels'] is not None:
-                    test_ev = evaluate(test['labels'], test_probs, groups=groups)
-                    test_ev.save(run_dir/'test', params={'run': run_dir.name, 'split': 'test', 'checkpoint': 'best.pt'})
-                    result['test'] = test_ev.summary
-            save_csv(pd.concat(frames, ignore_index=True), run_dir/'predictions.csv')
-            _plot_curves(pd.DataFrame(state['history']), run_dir/'curves.png')
-            save_json({'params': cfg.to_dict(), **result}, run_dir/'metrics.json')
-            end_run(run_dir)
-        result = broadcast_from_rank0(result)
-        return {**result, 'run_dir': str(run_dir)}
+        with log_to_file(run_dir/'log.txt') if rank == 0 else contextlib.nullcontext():
+            result = _train(cfg, run_dir, rank, world, device)
     except BaseException as e:
         if rank == 0 and (run_dir/'manifest.json').exists(): end_run(run_dir, 'failed', f'{type(e).__name__}: {e}')
         raise
-    finally:
-        if log_file is not None: logger.removeHandler(log_file); log_file.close()
+    return {**result, 'run_dir': str(run_dir)}
+
+# %% ../nbs/07_train.ipynb #88a87d80
+def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
+    "The body of `fit`: data, model, loss and optimisation, the epochs, then predictions from the best checkpoint."
+    from cxrlt.images import CachedImageDataset, train_augmentation
+    from cxrlt.labels import class_groups
+    from cxrlt.losses import make_loss
+    data = _run_data(cfg, rank, world)
+    train_df, val_df, cache = data['train'], data['val'], data['cache']
+    y_train, y_val = train_df[CLASSES].to_numpy(np.float32), val_df[CLASSES].to_numpy(np.float32)
+    counts = y_train.sum(0).astype(np.int64)
+    train_ds = CachedImageDataset(cache, train_df.ImageID, y_train, transform=train_augmentation(cfg.augment))
+    val_ds = CachedImageDataset(cache, val_df.ImageID, y_val)
+    loader = _train_loader(cfg, train_ds, y_train, rank, world, device)
+    model = _build_model(cfg, cache.size, device)
+    loss_fn = make_loss(cfg.loss, _loss_counts(counts), drw_start_epoch=cfg.drw_start_epoch, drw_beta=cfg.drw_beta,
+                        **cfg.loss_kwargs)
+    loss_scale = float(world) if getattr(loss_fn, 'reduction', 'mean') == 'sum' else 1.0
+    n_batches = len(loader) if cfg.max_batches_per_epoch is None else min(len(loader), cfg.max_batches_per_epoch)
+    opt = _optimisation(cfg, model, n_batches, device)
+    train_model = _wrap_for_training(cfg, model, world, device)
+    saver = CheckpointSaver(run_dir, model, opt['optimizer'], opt['scheduler'], opt['scaler'], opt['ema'])
+    state = saver.resume(device) or _new_state()
+    if rank == 0 and state['epoch']: logger.info(f"resuming {run_dir.name} after epoch {state['epoch']} of {cfg.epochs}")
+    groups = class_groups(counts, len(train_df))
+    for epoch in range(state['epoch'], cfg.epochs):
+        if _should_stop(state, cfg.patience): break
+        loader.sampler.set_epoch(epoch)
+        if hasattr(loss_fn, 'set_epoch'): loss_fn.set_epoch(epoch)
+        t0 = time.perf_counter()
+        tr = train_one_epoch(train_model, loader, loss_fn, opt['optimizer'], opt['scheduler'], device=device,
+                             autocast=opt['autocast'], scaler=opt['scaler'], accum_steps=cfg.accum_steps,
+                             grad_clip=cfg.grad_clip, ema=opt['ema'], channels_last=cfg.channels_last,
+                             max_batches=cfg.max_batches_per_epoch, world_size=world, loss_scale=loss_scale,
+                             desc=f'epoch {epoch + 1}/{cfg.epochs}', progress=cfg.progress and rank == 0)
+        val = _validate(saver.evaluated, loss_fn, val_ds, y_val, groups, cfg, rank, world, device, opt['autocast'])
+        if rank == 0:
+            row = {'epoch': epoch + 1, 'train_loss': tr['train_loss'], **val, 'lr': tr['lr'],
+                   'images_per_s': tr['images_per_s'], 'epoch_time_s': time.perf_counter() - t0}
+            improved = _record_epoch(state, row)
+            saver.save(state, improved)
+            save_csv(pd.DataFrame(state['history']), run_dir/'history.csv')
+            _log_epoch(row, improved)
+        state = broadcast_from_rank0(state)
+    _load_best(saver, rank, world, device)
+    return broadcast_from_rank0(_predict_and_save(cfg, model, loss_fn, val_df, y_val, val_ds, groups, state,
+                                                  run_dir, rank, world, device, opt['autocast']))
 
 # %% ../nbs/07_train.ipynb #af01fbaa
 from fastcore.script import Param
