@@ -40,6 +40,7 @@ pytest: install
 	$(BIN)/python -m pytest tests
 
 test: install
+	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory check-notebooks
 	$(MAKE) --no-print-directory nbtest
 	$(MAKE) --no-print-directory pytest

@@ -37,7 +37,7 @@ setuptools.setup(
     ] + ['Programming Language :: Python :: ' + v for v in py_versions[py_versions.index(min_python):]],
     packages=setuptools.find_packages(include=['cxrlt', 'cxrlt.*']),
     include_package_data=True,
-    package_data={'cxrlt': ['paper/*.csv']},
+    package_data={'cxrlt': ['paper/*.csv', 'explorer/*']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + min_python,

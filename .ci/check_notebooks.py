@@ -11,7 +11,8 @@ ignore = shutil.ignore_patterns('__pycache__', '*.pyc', '.ipynb_checkpoints')
 
 
 def files(d: Path, pattern: str) -> set:
-    return {p.relative_to(d) for p in d.rglob(pattern) if '__pycache__' not in p.parts and '.ipynb_checkpoints' not in p.parts}
+    skip = {'__pycache__', '.ipynb_checkpoints'}
+    return {p.relative_to(d) for p in d.rglob(pattern) if not skip & set(p.parts)}
 
 
 def source_notebook(module: Path) -> str:
@@ -21,7 +22,8 @@ def source_notebook(module: Path) -> str:
 
 def changed(old: Path, new: Path, pattern: str) -> list:
     rels = files(old, pattern) | files(new, pattern)
-    return sorted(r for r in rels if not ((old / r).exists() and (new / r).exists() and filecmp.cmp(old / r, new / r, shallow=False)))
+    same = lambda r: (old / r).exists() and (new / r).exists() and filecmp.cmp(old / r, new / r, shallow=False)
+    return sorted(r for r in rels if not same(r))
 
 
 with tempfile.TemporaryDirectory() as tmp:
@@ -37,8 +39,9 @@ with tempfile.TemporaryDirectory() as tmp:
     for rel in changed(root / 'nbs', tmp / 'nbs', '*.ipynb'):
         problems.append(f'nbs/{rel}: not clean; run `nbdev_clean` (or save it with the nbdev hooks) and commit it')
     for rel in changed(root / 'cxrlt', tmp / 'cxrlt', '*.py'):
-        nb = source_notebook(tmp / 'cxrlt' / rel) if (tmp / 'cxrlt' / rel).exists() else source_notebook(root / 'cxrlt' / rel)
-        what = 'missing' if not (root / 'cxrlt' / rel).exists() else 'stale' if (tmp / 'cxrlt' / rel).exists() else 'not produced by any notebook'
+        produced, committed = (tmp / 'cxrlt' / rel).exists(), (root / 'cxrlt' / rel).exists()
+        nb = source_notebook(tmp / 'cxrlt' / rel) if produced else source_notebook(root / 'cxrlt' / rel)
+        what = 'missing' if not committed else 'stale' if produced else 'not produced by any notebook'
         problems.append(f'cxrlt/{rel}: {what}; export {nb} with `nbdev_export` and commit the module')
     if problems:
         sys.exit('Notebooks and package disagree:\n  ' + '\n  '.join(problems))

@@ -17,8 +17,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxrlt.images import (CachedImageDataset, build_cache, cache_dataloader, normalize_batch, preprocess_image,
-                          train_augmentation, IMAGENET_MEAN, IMAGENET_STD)
+from cxrlt.cache import build_cache
+from cxrlt.datasets import (CachedImageDataset, cache_dataloader, normalize_batch, train_augmentation, IMAGENET_MEAN,
+                            IMAGENET_STD)
+from cxrlt.images import preprocess_image
 
 
 def padchest_like_png(path, seed):
@@ -26,7 +28,8 @@ def padchest_like_png(path, seed):
     rng = np.random.default_rng(seed)
     h, w = int(rng.integers(1900, 2100)), int(rng.integers(1900, 2100))
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    body = 28000 + 14000 * np.sin(xx / (w / 3.1) + seed) * np.cos(yy / (h / 2.3)) - 9000 * np.exp(-((xx - w / 2) / (w / 9)) ** 2)
+    body = 28000 + 14000 * np.sin(xx / (w / 3.1) + seed) * np.cos(yy / (h / 2.3))
+    body -= 9000 * np.exp(-((xx - w / 2) / (w / 9)) ** 2)
     Image.fromarray(np.clip(body + rng.normal(0, 700, (h, w)), 0, 65535).astype(np.uint16)).save(path)
 
 
@@ -57,10 +60,42 @@ def to_gpu_normalised(batch):
     return normalize_batch(batch.cuda(non_blocking=True))
 
 
+def measure(size, src, ids, out, a):
+    "Images/s at one size: cache build (once), decoding every epoch, the cache, its uint8 rows, with augmentation."
+    def loader(ds, epochs, train=False, pin=False, on_batch=lambda b: b):
+        dl = cache_dataloader(ds, a.batch_size, train=train, num_workers=a.workers, pin_memory=pin)
+        return images_per_second(dl, epochs, on_batch)
+    s = build_cache(ids, src, out, size=size, workers=a.workers, chunk_size=2, progress=False)
+    build_rate = a.images / s['seconds']
+    decode = loader(DecodingDataset([src / n for n in ids], size), epochs=1)
+    cache = loader(CachedImageDataset(out, ids * a.repeat), epochs=2)
+    gpu = torch.cuda.is_available()      # without a GPU: the rate of uint8 batches a GPU would receive
+    cache8 = loader(CachedImageDataset(out, ids * a.repeat, normalize=False), epochs=2, pin=gpu,
+                    on_batch=to_gpu_normalised if gpu else (lambda b: b))
+    aug = loader(CachedImageDataset(out, ids * a.repeat, transform=train_augmentation()), epochs=1, train=True)
+    print(f'{size:>4} px: build {build_rate:6.1f} img/s (once) | decode every epoch {decode:6.1f} img/s | '
+          f'cache {cache:7.1f} img/s ({cache / decode:5.1f}x) | cache uint8 + normalize_batch {cache8:7.1f} img/s '
+          f'({cache8 / decode:5.1f}x{"" if gpu else ", uint8 delivered, no GPU to normalise on"}) | '
+          f'cache + train augmentation {aug:6.1f} img/s')
+    return size, build_rate, decode, cache, cache8, aug
+
+
+def print_table(rows):
+    print('\n| size | decode PNGs every epoch | cache | ratio | cache, uint8 batches (+ `normalize_batch` on GPU) '
+          '| ratio | cache + train augmentation | cache build (once, incl. process start) |')
+    print('|---:|---:|---:|---:|---:|---:|---:|---:|')
+    for size, build_rate, decode, cache, cache8, aug in rows:
+        print(f'| {size} | {decode:.1f} | {cache:.0f} | {cache / decode:.0f}x | {cache8:.0f} | {cache8 / decode:.0f}x '
+              f'| {aug:.0f} | {build_rate:.1f} |')
+    print('(images/s; uint8 column: ' + ('batches copied to the GPU and normalised there)' if torch.cuda.is_available()
+          else 'uint8 batches delivered, as a GPU would receive them; no GPU here)'))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--images', type=int, default=16, help='number of PadChest-size PNGs to generate')
-    p.add_argument('--workers', type=int, default=os.cpu_count(), help='DataLoader workers and cache-building processes')
+    p.add_argument('--workers', type=int, default=os.cpu_count(),
+                   help='DataLoader workers and cache-building processes')
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--sizes', type=int, nargs='+', default=[224, 512])
     p.add_argument('--repeat', type=int, default=20, help='the cache is read as a dataset of images x repeat samples')
@@ -72,34 +107,9 @@ def main():
         ids = [f'{i:04d}_bench.png' for i in range(a.images)]
         for i, name in enumerate(ids): padchest_like_png(src / name, i)
         mb = sum((src / n).stat().st_size for n in ids) / a.images / 1e6
-        print(f'{a.images} synthetic 16-bit PNGs of ~2000x2000 ({mb:.1f} MB each) written in {time.perf_counter() - t0:.1f} s; '
-              f'{a.workers} workers, batch {a.batch_size}, {os.cpu_count()} CPUs')
-        rows = []
-        for size in a.sizes:
-            out = Path(tmp) / f'cache{size}'
-            s = build_cache(ids, src, out, size=size, workers=a.workers, chunk_size=2, progress=False)
-            build_rate = a.images / s['seconds']
-            decode = images_per_second(cache_dataloader(DecodingDataset([src / n for n in ids], size), a.batch_size,
-                                                        num_workers=a.workers, pin_memory=False), epochs=1)
-            cached = CachedImageDataset(out, ids * a.repeat)
-            cache = images_per_second(cache_dataloader(cached, a.batch_size, num_workers=a.workers, pin_memory=False), epochs=2)
-            raw = CachedImageDataset(out, ids * a.repeat, normalize=False)
-            gpu = torch.cuda.is_available()      # without a GPU: the rate of uint8 batches a GPU would receive
-            cache8 = images_per_second(cache_dataloader(raw, a.batch_size, num_workers=a.workers, pin_memory=gpu), epochs=2,
-                                       on_batch=to_gpu_normalised if gpu else (lambda b: b))
-            augmented = CachedImageDataset(out, ids * a.repeat, transform=train_augmentation())
-            aug = images_per_second(cache_dataloader(augmented, a.batch_size, train=True, num_workers=a.workers, pin_memory=False), epochs=1)
-            rows.append((size, build_rate, decode, cache, cache8, aug))
-            print(f'{size:>4} px: build {build_rate:6.1f} img/s (once) | decode every epoch {decode:6.1f} img/s | '
-                  f'cache {cache:7.1f} img/s ({cache / decode:5.1f}x) | cache uint8 + normalize_batch {cache8:7.1f} img/s '
-                  f'({cache8 / decode:5.1f}x{"" if gpu else ", uint8 delivered, no GPU to normalise on"}) | cache + train augmentation {aug:6.1f} img/s')
-        print('\n| size | decode PNGs every epoch | cache | ratio | cache, uint8 batches (+ `normalize_batch` on GPU) | ratio '
-              '| cache + train augmentation | cache build (once, incl. process start) |')
-        print('|---:|---:|---:|---:|---:|---:|---:|---:|')
-        for size, build_rate, decode, cache, cache8, aug in rows:
-            print(f'| {size} | {decode:.1f} | {cache:.0f} | {cache / decode:.0f}x | {cache8:.0f} | {cache8 / decode:.0f}x | {aug:.0f} | {build_rate:.1f} |')
-        print('(images/s; uint8 column: ' + ('batches copied to the GPU and normalised there)' if torch.cuda.is_available()
-              else 'uint8 batches delivered, as a GPU would receive them; no GPU here)'))
+        print(f'{a.images} synthetic 16-bit PNGs of ~2000x2000 ({mb:.1f} MB each) written in '
+              f'{time.perf_counter() - t0:.1f} s; {a.workers} workers, batch {a.batch_size}, {os.cpu_count()} CPUs')
+        print_table([measure(size, src, ids, Path(tmp) / f'cache{size}', a) for size in a.sizes])
 
 
 if __name__ == '__main__':

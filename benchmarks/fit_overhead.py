@@ -16,7 +16,8 @@ import timm
 import torch
 from PIL import Image
 
-from cxrlt.images import CachedImageDataset, build_cache
+from cxrlt.cache import build_cache
+from cxrlt.datasets import AugmentConfig, CachedImageDataset
 from cxrlt.labels import CLASSES
 from cxrlt.train import TrainConfig, fit
 
@@ -35,7 +36,7 @@ def make_data(folder: Path, n: int, size: int):
 
 def bare_loop(folder: Path, batch_size: int, n_train: int) -> float:
     "Images/s of a hand-written loop over the same cached training images."
-    from cxrlt.data import load_split
+    from cxrlt.splits import load_split
     split = load_split(folder/'runs'/'split.csv')
     df = pd.read_csv(folder/'train.csv').set_index('ImageID')
     ids = [i for i in df.index if split[i] == 'train'][:n_train]
@@ -57,9 +58,10 @@ def bare_loop(folder: Path, batch_size: int, n_train: int) -> float:
 
 
 def fit_rate(folder: Path, batch_size: int, k: int) -> float:
-    cfg = TrainConfig(train_csv=folder/'train.csv', train_cache=folder/'cache', out_dir=folder/'runs', run_name=f'bench{k}',
-                      backbone='resnet10t', loss='bce', epochs=1, batch_size=batch_size, lr=1e-3, progress=False,
-                      augment=TrainConfig().augment.__class__(hflip=0, degrees=0, translate=0, scale=(1, 1), brightness=0, contrast=0))
+    no_augmentation = AugmentConfig(hflip=0, degrees=0, translate=0, scale=(1, 1), brightness=0, contrast=0)
+    cfg = TrainConfig(train_csv=folder/'train.csv', train_cache=folder/'cache', out_dir=folder/'runs',
+                      run_name=f'bench{k}', backbone='resnet10t', loss='bce', epochs=1, batch_size=batch_size, lr=1e-3,
+                      progress=False, augment=no_augmentation)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         r = fit(cfg)

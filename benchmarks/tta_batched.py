@@ -54,16 +54,18 @@ def main():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images), batch_size=a.batch_size)
     autocast = autocast_for(device, amp_dtype(device, a.amp)) if a.amp != 'off' else contextlib.nullcontext
     run = lambda batched: tta_log_odds(model, loader, a.views, batched=batched, device=device, autocast=autocast)
-    t_plain, _ = timed(lambda: predict_logits(model, loader, device=device, autocast=autocast, progress=False), device, a.repeats)
+    plain = lambda: predict_logits(model, loader, device=device, autocast=autocast, progress=False)
+    t_plain, _ = timed(plain, device, a.repeats)
     t_batched, out_b = timed(lambda: run(True), device, a.repeats)
     t_loop, out_l = timed(lambda: run(False), device, a.repeats)
     k = len(a.views)
-    print(f'{a.model} at {a.size} px on {device} ({torch.get_num_threads()} CPU threads), amp {a.amp}: {a.images} images, '
-          f'batches of {a.batch_size}, {k} views {a.views}')
+    print(f'{a.model} at {a.size} px on {device} ({torch.get_num_threads()} CPU threads), amp {a.amp}: '
+          f'{a.images} images, batches of {a.batch_size}, {k} views {a.views}')
     print(f'  plain inference (1 view)       {a.images / t_plain:9.1f} images/s')
     print(f'  TTA, one pass per view         {a.images / t_loop:9.1f} images/s  ({t_loop:.3f} s)')
     print(f'  TTA, views in one batched pass {a.images / t_batched:9.1f} images/s  ({t_batched:.3f} s)')
-    print(f'  batched / per-view speed-up    {t_loop / t_batched:9.2f}x   (TTA cost vs plain: {t_batched / t_plain:.2f}x for {k} views)')
+    print(f'  batched / per-view speed-up    {t_loop / t_batched:9.2f}x   '
+          f'(TTA cost vs plain: {t_batched / t_plain:.2f}x for {k} views)')
     print(f'  max |difference| of merged log-odds: {np.abs(out_b - out_l).max():.2e}')
 
 

@@ -11,7 +11,7 @@ from fastcore.script import anno_parser
 COMMANDS = {
     'info': ('cxrlt.cli:info', 'versions, compute device and the CXR-LT classes'),
     'synth': ('cxrlt.synth:synth_cli', 'write the synthetic CXR-LT look-alike (challenge files, PNGs, DICOMs)'),
-    'cache': ('cxrlt.images:cache_cli', 'decode and resize the images of a challenge CSV into a uint8 cache'),
+    'cache': ('cxrlt.cache:cache_cli', 'decode and resize the images of a challenge CSV into a uint8 cache'),
     'train': ('cxrlt.train:train_cli', 'train one run from a config file (resumes when rerun)'),
     'table': ('cxrlt.study:table_cli', "run the paper's table (papermill; local or SLURM)"),
     'site': ('cxrlt.site:site_cli', 'build the project site (results page, API notebooks, explorer)'),
@@ -33,7 +33,7 @@ def info(classes:bool=False, # also list the 30 Task 1 classes in column order
     if classes:
         for i, c in enumerate(CLASSES): print(f'  {i:2d} {c}')
 
-# %% ../nbs/10_cli.ipynb #e312e495
+# %% ../nbs/10_cli.ipynb #3b42785f
 def _version() -> str:
     from cxrlt import __version__
     return __version__
@@ -46,12 +46,14 @@ def _usage() -> str:
     lines += ['', "Run 'cxrlt <command> --help' for a command's options."]
     return '\n'.join(lines)
 
+# %% ../nbs/10_cli.ipynb #e21af3c4
 def _underscored(arg:str) -> str:
     "An option spelt with hyphens (`--test-csv=x`) in the underscore form fastcore declares (`--test_csv=x`)."
     if not arg.startswith('--'): return arg
     opt, eq, val = arg.partition('=')
     return '--' + opt[2:].replace('-', '_') + eq + val
 
+# %% ../nbs/10_cli.ipynb #a3c2e19f
 def run_command(name:str, # a key of `COMMANDS`
                 argv:list, # the command's own arguments
                ):
@@ -64,6 +66,7 @@ def run_command(name:str, # a key of `COMMANDS`
     for extra in ('pdb', 'xtra'): kwargs.pop(extra, None)
     return func(**kwargs)
 
+# %% ../nbs/10_cli.ipynb #8295db6a
 def main(argv:list=None, # arguments after `cxrlt`; default: `sys.argv[1:]`
         ) -> int:
     "Entry point of the `cxrlt` console script."

@@ -5,7 +5,7 @@ __all__ = ['logger', 'MANIFEST_PACKAGES', 'get_logger', 'seed_everything', 'choo
            'load_json', 'save_csv', 'save_checkpoint', 'load_checkpoint', 'package_versions', 'git_state', 'host_info',
            'start_run', 'end_run', 'log_to_file', 'run_directory', 'Config']
 
-# %% ../nbs/00_core.ipynb #33618545
+# %% ../nbs/00_core.ipynb #1996b5a6
 import contextlib, dataclasses, datetime, difflib, json, logging, os, platform, random, socket
 import subprocess, sys, tempfile, types, typing
 from importlib import metadata
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 # %% ../nbs/00_core.ipynb #d8957530
 def get_logger(level:int=logging.INFO, # logging level for the `cxrlt` logger
@@ -30,14 +31,19 @@ def get_logger(level:int=logging.INFO, # logging level for the `cxrlt` logger
 
 logger = get_logger()
 
-# %% ../nbs/00_core.ipynb #8371e3d2
+# %% ../nbs/00_core.ipynb #c33b7379
+def _check_seed(seed) -> int:
+    "`seed` as a Python int, after checking that it is an integer in [0, 2**32)."
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
+        raise ValueError(f'seed must be an integer in [0, 2**32), got {seed!r}')
+    return int(seed)
+
+# %% ../nbs/00_core.ipynb #e5f040f6
 def seed_everything(seed:int, # seed for python, numpy and torch, in [0, 2**32)
                     deterministic:bool=False, # also switch torch to deterministic algorithms
                    ) -> int:
     "Seed python, numpy and torch on every device; deterministic kernels when `deterministic`."
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
-        raise ValueError(f'seed must be an integer in [0, 2**32), got {seed!r}')
-    seed = int(seed)
+    seed = _check_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
@@ -48,7 +54,22 @@ def seed_everything(seed:int, # seed for python, numpy and torch, in [0, 2**32)
     torch.backends.cudnn.benchmark = False
     return seed
 
-# %% ../nbs/00_core.ipynb #9bbed0c0
+# %% ../nbs/00_core.ipynb #deff9332
+def _check_device_exists(device, # the device as the caller spelt it, named in the errors
+                         kind:str, # 'cpu', 'cuda' or 'mps'
+                         index:str, # the device number after 'cuda:', or ''
+                         has_mps:bool, # whether MPS is available
+                        ):
+    "Raise when the requested CUDA device, or MPS, is not on this machine."
+    if kind == 'cuda':
+        if not torch.cuda.is_available():
+            raise RuntimeError(f'device {device!r} requested but CUDA is not available on this machine')
+        if index and int(index) >= torch.cuda.device_count():
+            raise RuntimeError(f'device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist')
+    if kind == 'mps' and not has_mps:
+        raise RuntimeError(f'device {device!r} requested but MPS is not available on this machine')
+
+# %% ../nbs/00_core.ipynb #cc974a75
 def choose_device(device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
                  ) -> torch.device:
     "The torch device to use: cuda > mps > cpu for 'auto', else the requested one after checking it exists."
@@ -59,14 +80,19 @@ def choose_device(device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
     kind, _, index = str(device).partition(':')
     if kind not in ('cpu', 'cuda', 'mps') or (index and not index.isdigit()):
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {device!r}")
-    if kind == 'cuda':
-        if not torch.cuda.is_available(): raise RuntimeError(f'device {device!r} requested but CUDA is not available on this machine')
-        if index and int(index) >= torch.cuda.device_count():
-            raise RuntimeError(f'device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist')
-    if kind == 'mps' and not has_mps: raise RuntimeError(f'device {device!r} requested but MPS is not available on this machine')
+    _check_device_exists(device, kind, index, has_mps)
     return torch.device(device)
 
-# %% ../nbs/00_core.ipynb #59dd5c5e
+# %% ../nbs/00_core.ipynb #c51dfe68
+def _publish(tmp:str, # the finished temporary file
+             path:Path, # the file it replaces
+            ):
+    "Give `tmp` the permissions of a newly created file and rename it over `path`."
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+# %% ../nbs/00_core.ipynb #b4605ee9
 @contextlib.contextmanager
 def atomic_write(path, # file to (re)write
                  mode:str='w', # 'w' for text, 'wb' for bytes
@@ -80,15 +106,14 @@ def atomic_write(path, # file to (re)write
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
 
-# %% ../nbs/00_core.ipynb #8fe361ef
+# %% ../nbs/00_core.ipynb #4edf1cfb
 def _json_default(o):
+    "JSON form of the values results hold besides plain ones; a `TypeError` naming the type for the rest."
     if isinstance(o, Path): return str(o)
     if isinstance(o, np.generic): return o.item()
     if isinstance(o, np.ndarray): return o.tolist()
@@ -96,6 +121,7 @@ def _json_default(o):
     if isinstance(o, (datetime.datetime, datetime.date)): return o.isoformat()
     raise TypeError(f'cannot write {type(o).__name__} to JSON: {o!r}')
 
+# %% ../nbs/00_core.ipynb #8e437054
 def save_json(obj, path) -> Path:
     "Write `obj` as indented JSON atomically (paths, numpy values and dataclasses allowed)."
     with atomic_write(path) as f: f.write(json.dumps(obj, indent=2, default=_json_default) + '\n')
@@ -105,11 +131,13 @@ def load_json(path):
     "Read a JSON file."
     return json.loads(Path(path).read_text(encoding='utf-8'))
 
+# %% ../nbs/00_core.ipynb #bd3b5d49
 def save_csv(df, path, index:bool=False, **kw) -> Path:
     "Write a DataFrame as CSV atomically."
     with atomic_write(path, newline='') as f: df.to_csv(f, index=index, **kw)
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #fb997bc6
 def save_checkpoint(state:dict, path) -> Path:
     "Write a torch checkpoint atomically."
     with atomic_write(path, 'wb') as f: torch.save(state, f)
@@ -121,7 +149,7 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     if not path.exists(): raise FileNotFoundError(f'checkpoint {path} does not exist')
     return torch.load(path, map_location=map_location, weights_only=True)
 
-# %% ../nbs/00_core.ipynb #4d75da75
+# %% ../nbs/00_core.ipynb #47b9f221
 MANIFEST_PACKAGES = ('cxrlt', 'torch', 'torchvision', 'timm', 'numpy', 'pandas', 'scikit-learn', 'pydicom', 'papermill')
 
 def _utcnow() -> str: return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')
@@ -133,6 +161,7 @@ def package_versions(names=MANIFEST_PACKAGES) -> dict:
         except metadata.PackageNotFoundError: return None
     return {n: v(n) for n in names}
 
+# %% ../nbs/00_core.ipynb #40537e99
 def git_state(path=None) -> dict:
     "Commit and dirty flag of the git checkout holding `path` (default: the cxrlt sources); None outside git."
     if path is None: path = Path(__file__).parent if '__file__' in globals() else Path.cwd()
@@ -141,20 +170,41 @@ def git_state(path=None) -> dict:
     try: r = git('rev-parse', 'HEAD')
     except (OSError, subprocess.TimeoutExpired): return {'commit': None, 'dirty': None}
     if r.returncode: return {'commit': None, 'dirty': None}
-    return {'commit': r.stdout.strip(), 'dirty': bool(git('status', '--porcelain', '--untracked-files=no').stdout.strip())}
+    dirty = bool(git('status', '--porcelain', '--untracked-files=no').stdout.strip())
+    return {'commit': r.stdout.strip(), 'dirty': dirty}
 
+# %% ../nbs/00_core.ipynb #70e6be63
 def host_info() -> dict:
     "Host name, platform, CPU count and GPU names."
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus = [torch.cuda.get_device_name(i) for i in range(n_gpus)]
     return {'hostname': socket.gethostname(), 'platform': platform.platform(), 'python': platform.python_version(),
             'cpus': os.cpu_count(), 'gpus': gpus}
 
-# %% ../nbs/00_core.ipynb #fa24d805
+# %% ../nbs/00_core.ipynb #b69d3d83
 def _as_params(params) -> dict:
+    "Parameters (None, a mapping or a dataclass) as plain JSON values."
     if params is None: return {}
-    if dataclasses.is_dataclass(params): return json.loads(json.dumps(dataclasses.asdict(params), default=_json_default))
-    return json.loads(json.dumps(dict(params), default=_json_default))
+    d = dataclasses.asdict(params) if dataclasses.is_dataclass(params) else dict(params)
+    return json.loads(json.dumps(d, default=_json_default))
 
+def _new_manifest(name:str, params:dict) -> dict:
+    "The manifest of a new run: its parameters and what produced it (git, packages, host, command)."
+    return {'name': name, 'status': 'running', 'start_time': _utcnow(), 'end_time': None,
+            'params': params, 'git': git_state(), 'packages': package_versions(), 'host': host_info(),
+            'command': sys.argv}
+
+# %% ../nbs/00_core.ipynb #31fd08bc
+def _resumed_manifest(run_dir:Path, params:dict) -> dict:
+    "The manifest of `run_dir` re-entered with `params`, which must equal the stored ones."
+    manifest = load_json(run_dir/'manifest.json')
+    diff = sorted(k for k in set(manifest['params']) | set(params) if manifest['params'].get(k) != params.get(k))
+    if diff: raise ValueError(f'cannot resume {run_dir}: parameters differ for {diff}')
+    manifest.setdefault('resumed_at', []).append(_utcnow())
+    manifest.update(status='running', end_time=None)
+    return manifest
+
+# %% ../nbs/00_core.ipynb #a419b8aa
 def start_run(root, # folder holding run directories
               name:str=None, # run name; default: a UTC timestamp
               params=None, # parameters (dict or dataclass) recorded in the manifest
@@ -163,22 +213,17 @@ def start_run(root, # folder holding run directories
     "Create (or, with `resume`, re-enter) a run directory and write its `manifest.json`."
     name = name or datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
     run_dir, params = Path(root)/name, _as_params(params)
-    manifest_path = run_dir/'manifest.json'
-    if manifest_path.exists():
-        if not resume: raise FileExistsError(f'run directory {run_dir} already holds a run; pass resume=True to continue it or choose another name')
-        manifest = load_json(manifest_path)
-        diff = sorted(k for k in set(manifest['params']) | set(params) if manifest['params'].get(k) != params.get(k))
-        if diff: raise ValueError(f'cannot resume {run_dir}: parameters differ for {diff}')
-        manifest.setdefault('resumed_at', []).append(_utcnow())
-        manifest.update(status='running', end_time=None)
-    else:
-        manifest = {'name': name, 'status': 'running', 'start_time': _utcnow(), 'end_time': None,
-                    'params': params, 'git': git_state(), 'packages': package_versions(), 'host': host_info(),
-                    'command': sys.argv}
+    if (run_dir/'manifest.json').exists():
+        if not resume:
+            raise FileExistsError(f'run directory {run_dir} already holds a run; '
+                                  'pass resume=True to continue it or choose another name')
+        manifest = _resumed_manifest(run_dir, params)
+    else: manifest = _new_manifest(name, params)
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(manifest, manifest_path)
+    save_json(manifest, run_dir/'manifest.json')
     return run_dir
 
+# %% ../nbs/00_core.ipynb #6afe4c9c
 def end_run(run_dir, # a directory made by `start_run`
             status:str='completed', # 'completed' or 'failed'
             error:str=None, # the error, for a failed run
@@ -187,11 +232,13 @@ def end_run(run_dir, # a directory made by `start_run`
     path = Path(run_dir)/'manifest.json'
     m = load_json(path)
     m.update(status=status, end_time=_utcnow())
-    m['duration_s'] = (datetime.datetime.fromisoformat(m['end_time']) - datetime.datetime.fromisoformat(m['start_time'])).total_seconds()
+    start, end = (datetime.datetime.fromisoformat(m[k]) for k in ('start_time', 'end_time'))
+    m['duration_s'] = (end - start).total_seconds()
     if error is not None: m['error'] = error
     save_json(m, path)
     return m
 
+# %% ../nbs/00_core.ipynb #edf85f46
 @contextlib.contextmanager
 def log_to_file(path, # log file (appended to)
                ):
@@ -204,6 +251,7 @@ def log_to_file(path, # log file (appended to)
         logger.removeHandler(handler)
         handler.close()
 
+# %% ../nbs/00_core.ipynb #7647c17e
 @contextlib.contextmanager
 def run_directory(root, name:str=None, params=None, resume:bool=False):
     "`start_run`, log to `log.txt` inside the run, and `end_run` with status 'failed' and the error if the body raises."
@@ -217,98 +265,145 @@ def run_directory(root, name:str=None, params=None, resume:bool=False):
         else:
             end_run(run_dir)
 
-# %% ../nbs/00_core.ipynb #a9de9cd2
-def _type_name(tp) -> str:
-    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
-
-def _check_value(value, tp, key:str):
-    "Return `value` checked against type `tp` (with the only allowed conversions), else raise naming `key`."
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    def bad(): raise TypeError(f'key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}')
-    if tp is typing.Any: return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args: return None
-        for a in args:
-            if a is type(None): continue
-            try: return _check_value(value, a, key)
-            except TypeError: pass
-        bad()
-    if origin is typing.Literal:
-        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)): return value
-        raise TypeError(f'key {key!r} must be one of {list(args)}, got {value!r}')
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)): bad()
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value): bad()
-            return tuple(_check_value(v, a, f'{key}[{i}]') for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else typing.Any
-        return origin(_check_value(v, inner, f'{key}[{i}]') for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict): bad()
-        kt, vt = args or (typing.Any, typing.Any)
-        return {_check_value(k, kt, key): _check_value(v, vt, f'{key}[{k!r}]') for k, v in value.items()}
-    if isinstance(tp, type) and issubclass(tp, Config):
-        if isinstance(value, tp): return value
-        if not isinstance(value, dict): bad()
-        return tp.from_dict(value, source=f'key {key!r}')
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)): bad()
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int): bad()
-        return value
-    if tp is Path:
-        if not isinstance(value, (str, Path)): bad()
-        return Path(value)
-    if isinstance(tp, type):
-        if not isinstance(value, tp): bad()
-        return value
-    return value
-
-# %% ../nbs/00_core.ipynb #326532d7
+# %% ../nbs/00_core.ipynb #b38d01f8
 @dataclasses.dataclass
 class Config:
-    "Base for config dataclasses: built from dicts, files or `key=value` overrides; unknown or mistyped keys are errors."
+    "Base for config dataclasses built from dicts, files or `key=value` overrides; unknown or mistyped keys are errors."
     @classmethod
     def field_types(cls) -> dict:
         "Field name → resolved type."
         hints = typing.get_type_hints(cls)
         return {f.name: hints.get(f.name, f.type) for f in dataclasses.fields(cls)}
 
-    @classmethod
-    def from_dict(cls, d:dict, source:str='config'):
-        "Build from a mapping, checking every key and value."
-        if not isinstance(d, dict): raise TypeError(f'{source}: expected a mapping of keys to values for {cls.__name__}, got {type(d).__name__}')
-        types_ = cls.field_types()
-        for k in d:
-            if k not in types_:
-                close = difflib.get_close_matches(str(k), list(types_), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ''
-                raise KeyError(f'{source}: unknown key {k!r} for {cls.__name__}{hint}; allowed keys: {", ".join(types_)}')
-        try: vals = {k: _check_value(v, types_[k], k) for k, v in d.items()}
-        except TypeError as e: raise TypeError(f'{source}: {cls.__name__}: {e}') from None
-        try: return cls(**vals)
-        except TypeError as e: raise TypeError(f'{source}: {cls.__name__}: {e}') from None
+# %% ../nbs/00_core.ipynb #b2f7e958
+def _type_name(tp) -> str:
+    return getattr(tp, '__name__', None) or str(tp).replace('typing.', '')
 
-    @classmethod
-    def from_file(cls, path):
-        "Build from a YAML or JSON file."
-        import yaml
-        path = Path(path)
-        if not path.exists(): raise FileNotFoundError(f'config file {path} does not exist')
-        d = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
-        return cls.from_dict(d, source=str(path))
+def _type_error(value, tp, key:str) -> TypeError:
+    "The error for `value` of the wrong type: it names the key, the expected type and the value."
+    return TypeError(f'key {key!r} expects {_type_name(tp)}, got {type(value).__name__} {value!r}')
 
-    def with_overrides(self, overrides) -> 'Config':
-        "A copy with `key=value` overrides applied (values parsed as YAML, then checked)."
-        import yaml
-        d = self.to_dict()
-        for o in overrides:
-            key, sep, raw = o.partition('=')
-            if not sep: raise ValueError(f'override {o!r} is not of the form key=value')
-            d[key.strip()] = yaml.safe_load(raw)
-        return type(self).from_dict(d, source='overrides')
+# %% ../nbs/00_core.ipynb #1c3bd7c3
+def _check_union(value, tp, key:str):
+    "`value` as checked by the first member of union `tp` that accepts it."
+    args = typing.get_args(tp)
+    if value is None and type(None) in args: return None
+    for a in args:
+        if a is type(None): continue
+        try: return _check_value(value, a, key)
+        except TypeError: pass
+    raise _type_error(value, tp, key)
 
-    def to_dict(self) -> dict:
-        "Plain-dict form (paths as strings), ready for JSON or YAML."
-        return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+# %% ../nbs/00_core.ipynb #93402b67
+def _check_literal(value, tp, key:str):
+    "`value` if it is one of the values of `Literal` type `tp` (a bool only where the values hold one)."
+    args = typing.get_args(tp)
+    if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)): return value
+    raise TypeError(f'key {key!r} must be one of {list(args)}, got {value!r}')
+
+# %% ../nbs/00_core.ipynb #da5af745
+def _check_sequence(value, tp, key:str):
+    "A list or tuple checked item by item (`key[i]` in errors), a fixed-length tuple also by its length."
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if not isinstance(value, (list, tuple)): raise _type_error(value, tp, key)
+    if origin is tuple and args and args[-1] is not Ellipsis:
+        if len(args) != len(value): raise _type_error(value, tp, key)
+        return tuple(_check_value(v, a, f'{key}[{i}]') for i, (v, a) in enumerate(zip(value, args)))
+    inner = args[0] if args else typing.Any
+    return origin(_check_value(v, inner, f'{key}[{i}]') for i, v in enumerate(value))
+
+# %% ../nbs/00_core.ipynb #27b3ab87
+def _check_mapping(value, tp, key:str):
+    "A dict checked key by key and value by value (`key[k]` in errors)."
+    if not isinstance(value, dict): raise _type_error(value, tp, key)
+    kt, vt = typing.get_args(tp) or (typing.Any, typing.Any)
+    return {_check_value(k, kt, key): _check_value(v, vt, f'{key}[{k!r}]') for k, v in value.items()}
+
+# %% ../nbs/00_core.ipynb #c87e25d4
+def _check_scalar(value, tp, key:str):
+    "`value` checked against plain type `tp`, with int → float and str → Path the only conversions."
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)): raise _type_error(value, tp, key)
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int): raise _type_error(value, tp, key)
+        return value
+    if tp is Path:
+        if not isinstance(value, (str, Path)): raise _type_error(value, tp, key)
+        return Path(value)
+    if isinstance(tp, type) and not isinstance(value, tp): raise _type_error(value, tp, key)
+    return value
+
+# %% ../nbs/00_core.ipynb #19ccb573
+def _check_config(value, tp, key:str):
+    "A nested config: an instance as it is, a mapping built by `tp.from_dict`."
+    if isinstance(value, tp): return value
+    if not isinstance(value, dict): raise _type_error(value, tp, key)
+    return tp.from_dict(value, source=f'key {key!r}')
+
+# %% ../nbs/00_core.ipynb #fcaa2bfc
+def _check_value(value, # the value read from a dict, a file or an override
+                 tp, # the field's type annotation
+                 key:str, # the field's name (with the index inside a container), named in errors
+                ):
+    "Return `value` checked against type `tp` (with the only allowed conversions), else raise naming `key`."
+    origin = typing.get_origin(tp)
+    if tp is typing.Any: return value
+    if origin in (typing.Union, types.UnionType): return _check_union(value, tp, key)
+    if origin is typing.Literal: return _check_literal(value, tp, key)
+    if origin in (list, tuple): return _check_sequence(value, tp, key)
+    if origin is dict: return _check_mapping(value, tp, key)
+    if isinstance(tp, type) and issubclass(tp, Config): return _check_config(value, tp, key)
+    return _check_scalar(value, tp, key)
+
+# %% ../nbs/00_core.ipynb #0f94216c
+def _check_keys(cls, d:dict, types_:dict, source:str):
+    "Raise for the first key of `d` that is not a field, naming the closest field and every allowed key."
+    for k in d:
+        if k not in types_:
+            close = difflib.get_close_matches(str(k), list(types_), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ''
+            raise KeyError(f'{source}: unknown key {k!r} for {cls.__name__}{hint}; allowed keys: {", ".join(types_)}')
+
+# %% ../nbs/00_core.ipynb #a54975f5
+@patch(cls_method=True)
+def from_dict(cls:Config, d:dict, # field name → value
+              source:str='config', # where `d` comes from (a file, 'overrides'), named in errors
+             ):
+    "Build from a mapping, checking every key and value."
+    if not isinstance(d, dict):
+        raise TypeError(f'{source}: expected a mapping of keys to values for {cls.__name__}, got {type(d).__name__}')
+    types_ = cls.field_types()
+    _check_keys(cls, d, types_, source)
+    try: return cls(**{k: _check_value(v, types_[k], k) for k, v in d.items()})
+    except TypeError as e: raise TypeError(f'{source}: {cls.__name__}: {e}') from None
+
+# %% ../nbs/00_core.ipynb #412c68c6
+@patch(cls_method=True)
+def from_file(cls:Config, path, # a YAML or JSON file of field name → value
+             ):
+    "Build from a YAML or JSON file."
+    import yaml
+    path = Path(path)
+    if not path.exists(): raise FileNotFoundError(f'config file {path} does not exist')
+    d = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
+    return cls.from_dict(d, source=str(path))
+
+# %% ../nbs/00_core.ipynb #2a6aa56b
+@patch
+def to_dict(self:Config) -> dict:
+    "Plain-dict form (paths as strings), ready for JSON or YAML."
+    return json.loads(json.dumps(dataclasses.asdict(self), default=_json_default))
+
+# %% ../nbs/00_core.ipynb #c929db10
+@patch
+def with_overrides(self:Config, overrides, # `key=value` strings, each value parsed as YAML
+                  ) -> 'Config':
+    "A copy with `key=value` overrides applied (values parsed as YAML, then checked)."
+    import yaml
+    d = self.to_dict()
+    for o in overrides:
+        key, sep, raw = o.partition('=')
+        if not sep: raise ValueError(f'override {o!r} is not of the form key=value')
+        d[key.strip()] = yaml.safe_load(raw)
+    return type(self).from_dict(d, source='overrides')

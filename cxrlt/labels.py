@@ -33,20 +33,31 @@ def class_index(name:str) -> int:
         raise KeyError(f'{name!r} is not a CXR-LT 2026 class{hint}; classes: {", ".join(CLASSES)}')
     return CLASSES.index(n)
 
-# %% ../nbs/01_labels.ipynb #9520bb7e
+# %% ../nbs/01_labels.ipynb #1cf11c85
+def _counts_by_class(counts) -> pd.Series:
+    "Counts as a Series: a Series keeps its index, an array of 30 counts is indexed by `CLASSES`."
+    index = None if isinstance(counts, pd.Series) else CLASSES[:len(counts)] if len(counts) == len(CLASSES) else None
+    return pd.Series(counts, index=index)
+
+def _check_group_inputs(counts:pd.Series, n_images:int, head_min:float, tail_max:float):
+    "Raise for a non-positive `n_images`, a count outside [0, n_images] or cut points out of order."
+    if n_images <= 0: raise ValueError(f'n_images must be positive, got {n_images}')
+    if (counts < 0).any() or (counts > n_images).any():
+        bad = counts[(counts < 0) | (counts > n_images)]
+        raise ValueError(f'counts must lie in [0, n_images={n_images}]; bad: {bad.to_dict()}')
+    if not 0 <= tail_max <= head_min <= 1:
+        raise ValueError('cut points must satisfy 0 <= tail_max <= head_min <= 1, '
+                         f'got tail_max={tail_max}, head_min={head_min}')
+
+# %% ../nbs/01_labels.ipynb #e746f6fa
 def class_groups(counts, # per-class positive counts in training (array in `CLASSES` order, or a Series by class)
                  n_images:int, # number of training images the counts come from
                  head_min:float=0.10, # a class positive in at least this share of images is 'head'
                  tail_max:float=0.01, # a class positive in less than this share of images is 'tail'
                 ) -> pd.Series:
     "Head / medium / tail group of each class from its training frequency."
-    counts = pd.Series(counts, index=None if isinstance(counts, pd.Series) else CLASSES[:len(counts)] if len(counts) == len(CLASSES) else None)
-    if n_images <= 0: raise ValueError(f'n_images must be positive, got {n_images}')
-    if (counts < 0).any() or (counts > n_images).any():
-        bad = counts[(counts < 0) | (counts > n_images)]
-        raise ValueError(f'counts must lie in [0, n_images={n_images}]; bad: {bad.to_dict()}')
-    if not 0 <= tail_max <= head_min <= 1:
-        raise ValueError(f'cut points must satisfy 0 <= tail_max <= head_min <= 1, got tail_max={tail_max}, head_min={head_min}')
+    counts = _counts_by_class(counts)
+    _check_group_inputs(counts, n_images, head_min, tail_max)
     share = counts / n_images
     groups = np.where(share >= head_min, 'head', np.where(share < tail_max, 'tail', 'medium'))
     return pd.Series(groups, index=counts.index, name='group')

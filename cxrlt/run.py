@@ -74,7 +74,7 @@ def best_model(self:Run, device='cpu') -> nn.Module:
 @patch
 def datasets(self:Run) -> dict:
     "Un-augmented datasets of the run: 'train', 'val' (and 'test') with their tables and label matrices."
-    from cxrlt.images import CachedImageDataset
+    from cxrlt.datasets import CachedImageDataset
     from cxrlt.train import test_data, training_data
     cfg = self.config
     d, out = training_data(cfg), {}
@@ -103,7 +103,8 @@ def finished_in(cls:Run, path, # a run directory, or a folder of run directories
                 ) -> list:
     "The finished runs at `path`: itself when it is a run, else its run sub-directories, sorted by name."
     path = Path(path)
-    if not path.is_dir(): raise FileNotFoundError(f'{path} is not a folder; expected a run directory or a folder of run directories')
+    if not path.is_dir():
+        raise FileNotFoundError(f'{path} is not a folder; expected a run directory or a folder of run directories')
     if (path/'manifest.json').is_file():
         why = cls(path).why_unfinished
         if why: raise ValueError(f'{path} is not a finished run ({why}); finish it with `cxrlt train` first')
@@ -112,6 +113,7 @@ def finished_in(cls:Run, path, # a run directory, or a folder of run directories
     skipped = [f'{r.name} ({r.why_unfinished})' for r in runs if not r.finished]
     if skipped: logger.warning(f'{path}: skipping unfinished runs: {"; ".join(skipped)}')
     if len(skipped) == len(runs):
-        raise FileNotFoundError(f'{path} holds no finished run (a folder with manifest.json, best.pt and predictions.csv)'
+        raise FileNotFoundError(f'{path} holds no finished run '
+                                '(a folder with manifest.json, best.pt and predictions.csv)'
                                 + (f'; unfinished: {"; ".join(skipped)}' if skipped else ''))
     return [r for r in runs if r.finished]

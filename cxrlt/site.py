@@ -73,7 +73,8 @@ def _static_site(root:Path, build:Path, site:Path) -> Path:
     items = '\n'.join(f'<li><a href="{href}">{name}</a></li>' for name, href in links)
     with atomic_write(site/'index.html') as f:
         f.write(f'<!doctype html><html><head><meta charset="utf-8"><title>cxrlt</title></head><body>'
-                f'<h1>cxrlt</h1><p>Long-tailed multi-label chest X-ray classification: a reproducible CXR-LT 2026 study.</p>'
+                f'<h1>cxrlt</h1><p>Long-tailed multi-label chest X-ray classification: '
+                f'a reproducible CXR-LT 2026 study.</p>'
                 f'<ul>\n{items}\n</ul></body></html>\n')
     return site/'index.html'
 
@@ -91,7 +92,8 @@ def build_site(table_dir=None, # a finished table for the results page (default:
     build, site = Path(build_dir or root/'_build').resolve(), Path(site_dir or root/'_site').resolve()
     use_quarto = shutil.which('quarto') is not None if use_quarto is None else use_quarto
     if use_quarto and (build != root/'_build' or site != root/'_site'):
-        raise ValueError('Quarto renders from <root>/_build into <root>/_site (see _quarto.yml); leave build_dir and site_dir unset')
+        raise ValueError('Quarto renders from <root>/_build into <root>/_site (see _quarto.yml); '
+                         'leave build_dir and site_dir unset')
     build.mkdir(parents=True, exist_ok=True)
     if table_dir is not None: _results_page(table_dir, root, build, n_bootstrap)
     if explorer is not None: _copy_tree(Path(explorer), build/'explorer')

@@ -3,11 +3,10 @@
 # %% auto #0
 __all__ = ['SAMPLERS', 'cosine_warmup_factor', 'amp_dtype', 'autocast_for', 'init_distributed', 'gather_to_rank0',
            'broadcast_from_rank0', 'rng_state', 'set_rng_state', 'unwrap', 'train_one_epoch', 'predict_logits',
-           'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'fit', 'train_cli', 'run_config',
-           'load_best_model', 'run_datasets']
+           'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'fit', 'train_cli']
 
 # %% ../nbs/07_train.ipynb #f211d209
-import contextlib, dataclasses, functools, math, os, time, typing
+import contextlib, dataclasses, functools, math, os, time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -39,7 +38,8 @@ def amp_dtype(device:torch.device, # the training device
               amp:str='auto', # 'auto', 'bf16', 'fp16' or 'off'
              ) -> Optional[torch.dtype]:
     "The autocast dtype for `amp` on `device` (None: float32, no autocast)."
-    if amp not in ('auto', 'bf16', 'fp16', 'off'): raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
+    if amp not in ('auto', 'bf16', 'fp16', 'off'):
+        raise ValueError(f"amp must be 'auto', 'bf16', 'fp16' or 'off', got {amp!r}")
     if amp == 'off': return None
     if amp == 'auto':
         if device.type != 'cuda': return None
@@ -47,6 +47,7 @@ def amp_dtype(device:torch.device, # the training device
     if amp == 'fp16' and device.type == 'cpu': raise ValueError('amp=fp16 is not supported on the CPU; use bf16 or off')
     return torch.bfloat16 if amp == 'bf16' else torch.float16
 
+# %% ../nbs/07_train.ipynb #60266885
 def autocast_for(device:torch.device, dtype:Optional[torch.dtype]):
     "A zero-argument context-manager factory: autocast to `dtype` on `device`, or a no-op."
     if dtype is None: return contextlib.nullcontext
@@ -62,10 +63,12 @@ def init_distributed(device:str='auto') -> tuple:
         dist.init_process_group('nccl' if use_cuda else 'gloo')
     if dist.is_initialized():
         r, world = dist.get_rank(), dist.get_world_size()
-        dev = torch.device('cuda', torch.cuda.current_device()) if torch.cuda.is_available() and device != 'cpu' else torch.device('cpu')
+        use_cuda = torch.cuda.is_available() and device != 'cpu'
+        dev = torch.device('cuda', torch.cuda.current_device()) if use_cuda else torch.device('cpu')
         return r, world, dev
     return 0, 1, choose_device(device)
 
+# %% ../nbs/07_train.ipynb #973330f5
 def gather_to_rank0(obj) -> Optional[list]:
     "Every rank's `obj` as a list on rank 0 (None elsewhere); `[obj]` without a process group."
     if not dist.is_initialized(): return [obj]
@@ -73,6 +76,7 @@ def gather_to_rank0(obj) -> Optional[list]:
     dist.gather_object(obj, out, dst=0)
     return out
 
+# %% ../nbs/07_train.ipynb #bc9e4ff9
 def broadcast_from_rank0(obj):
     "Rank 0's `obj` on every rank (unchanged without a process group)."
     if not dist.is_initialized(): return obj
@@ -92,21 +96,49 @@ def rng_state() -> dict:
     if torch.cuda.is_available(): s['cuda'] = torch.cuda.get_rng_state_all()
     return s
 
+# %% ../nbs/07_train.ipynb #5ba3bad2
 def set_rng_state(s:dict):
     "Restore generator states saved by `rng_state`."
     import random
     random.setstate((s['python_version'], tuple(int(v) for v in s['python'].tolist()), s['python_gauss']))
-    np.random.set_state(('MT19937', s['numpy_keys'].numpy().astype(np.uint32), s['numpy_pos'], s['numpy_has_gauss'], s['numpy_cached']))
+    np.random.set_state(('MT19937', s['numpy_keys'].numpy().astype(np.uint32), s['numpy_pos'], s['numpy_has_gauss'],
+                         s['numpy_cached']))
     torch.set_rng_state(s['torch'])
     if 'cuda' in s and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s['cuda'])
 
-# %% ../nbs/07_train.ipynb #5ae8ead8
+# %% ../nbs/07_train.ipynb #d0246be5
 def unwrap(model:nn.Module) -> nn.Module:
     "The bare model inside DDP / torch.compile wrappers."
     while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
         model = getattr(model, 'module', None) or getattr(model, '_orig_mod')
     return model
 
+# %% ../nbs/07_train.ipynb #de3a73b2
+def _backward(model, loss_fn, x, y, *, step_now:bool, autocast, scaler, loss_scale:float, accum_steps:int,
+              desc:str, batch:int) -> torch.Tensor:
+    "Forward under autocast, the loss in float32, backward (DDP syncs gradients only on a step); the loss."
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    sync = model.no_sync if ddp and not step_now else contextlib.nullcontext
+    with sync():
+        with autocast(): logits = model(x)
+        loss = loss_fn(logits.float(), y)
+        if not torch.isfinite(loss): raise FloatingPointError(f'{desc}: loss is {loss.item()} at batch {batch}')
+        scaled = loss * (loss_scale / accum_steps)
+        (scaler.scale(scaled) if scaler else scaled).backward()
+    return loss
+
+# %% ../nbs/07_train.ipynb #e6630829
+def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema):
+    "Unscale, clip, step (through the float16 scaler), zero the gradients, advance the schedule and the EMA."
+    if scaler: scaler.unscale_(optimizer)
+    if grad_clip: nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler: scaler.step(optimizer); scaler.update()
+    else: optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if ema is not None: ema.update(unwrap(model))
+
+# %% ../nbs/07_train.ipynb #8aa66ccb
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
                     device:torch.device, # training device
                     autocast=contextlib.nullcontext, # from `autocast_for`
@@ -117,7 +149,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
                     channels_last:bool=False, # feed NHWC tensors
                     max_batches:int=None, # stop early (smoke runs)
                     world_size:int=1, # processes training together (for images/s)
-                    loss_scale:float=1.0, # multiplies the loss before backward (world size for sum-reduced losses under DDP)
+                    loss_scale:float=1.0, # multiplies the loss before backward (world size: sum-reduced loss, DDP)
                     desc:str='train', progress:bool=True) -> dict:
     "Train for one pass over `loader`; returns the mean loss, the last learning rate and images/s."
     model.train()
@@ -130,21 +162,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float()
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n
-        sync = model.no_sync if isinstance(model, nn.parallel.DistributedDataParallel) and not step_now else contextlib.nullcontext
-        with sync():
-            with autocast(): logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            if not torch.isfinite(loss): raise FloatingPointError(f'{desc}: loss is {loss.item()} at batch {i}')
-            scaled = loss * (loss_scale / accum_steps)
-            (scaler.scale(scaled) if scaler else scaled).backward()
-        if step_now:
-            if scaler: scaler.unscale_(optimizer)
-            if grad_clip: nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            if scaler: scaler.step(optimizer); scaler.update()
-            else: optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            if ema is not None: ema.update(unwrap(model))
+        loss = _backward(model, loss_fn, x, y, step_now=step_now, autocast=autocast, scaler=scaler,
+                         loss_scale=loss_scale, accum_steps=accum_steps, desc=desc, batch=i)
+        if step_now: _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema)
         total += loss.item() * len(x); seen += len(x)
         rate = seen * world_size / (time.perf_counter() - t0)
         bar.set_postfix(loss=f'{total / seen:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}', img_s=f'{rate:.1f}')
@@ -153,6 +173,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
     return {'train_loss': total / max(seen, 1), 'lr': optimizer.param_groups[0]['lr'],
             'images_per_s': seen * world_size / (time.perf_counter() - t0)}
 
+# %% ../nbs/07_train.ipynb #e7ae7373
 @torch.no_grad()
 def predict_logits(model, loader, *, device:torch.device, autocast=contextlib.nullcontext,
                    channels_last:bool=False, desc:str='predict', progress:bool=True) -> np.ndarray:
@@ -166,7 +187,7 @@ def predict_logits(model, loader, *, device:torch.device, autocast=contextlib.nu
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
 # %% ../nbs/07_train.ipynb #e62c630c
-from .images import AugmentConfig
+from .datasets import AugmentConfig
 
 SAMPLERS = ('instance', 'class_aware', 'sqrt', 'repeat_factor')
 
@@ -184,7 +205,7 @@ class TrainConfig(Config):
     val_fraction: float = 0.1  # share of patients in validation when the split is made
     split_seed: int = 0  # seed of the split
     # model
-    backbone: str = 'resnet10t'  # a `cxrlt.models.MODELS` name
+    backbone: str = 'resnet10t'  # a `cxrlt.models.BACKBONES` name
     pretrained: bool = False  # ImageNet weights (timm cache or hub)
     pretrained_path: Optional[Path] = None  # local weight file instead
     head: Literal['linear', 'normed'] = 'linear'  # 'normed' (cosine) for LDAM
@@ -240,8 +261,9 @@ class TrainConfig(Config):
 def training_data(cfg:TrainConfig) -> dict:
     "Validated train / val tables (labels, ImageIDs, patients) and the image cache for `cfg`."
     import warnings
-    from cxrlt.data import join_padchest, load_or_make_split, read_removal_csv, read_training_csv, remove_images
-    from cxrlt.images import open_cache
+    from cxrlt.data import join_padchest, read_removal_csv, read_training_csv, remove_images
+    from cxrlt.splits import load_or_make_split
+    from cxrlt.cache import open_cache
     if cfg.train_csv is None or cfg.train_cache is None: raise ValueError('train_csv and train_cache are required')
     df = read_training_csv(cfg.train_csv)
     if cfg.removal_csv is not None: df = remove_images(df, read_removal_csv(cfg.removal_csv), str(cfg.removal_csv))
@@ -254,16 +276,18 @@ def training_data(cfg:TrainConfig) -> dict:
     cache = open_cache(cfg.train_cache)
     failed = set(cache.failed_ids)
     if failed:
-        logger.warning(f'{df.ImageID.isin(failed).sum()} training images failed to decode in {cache.path} and are left out')
+        logger.warning(f'{df.ImageID.isin(failed).sum()} training images failed to decode in {cache.path} '
+                       'and are left out')
         df = df[~df.ImageID.isin(failed)]
     subset = split.reindex(df.ImageID).to_numpy()
     train, val = df[subset == 'train'].reset_index(drop=True), df[subset == 'val'].reset_index(drop=True)
     return {'train': train, 'val': val, 'cache': cache, 'split_file': Path(split_file)}
 
+# %% ../nbs/07_train.ipynb #a275df16
 def test_data(cfg:TrainConfig) -> Optional[dict]:
     "The test table, its cache and (when given) its labels; None when `cfg` names no test CSV."
     from cxrlt.data import read_test_csv, read_training_csv
-    from cxrlt.images import open_cache
+    from cxrlt.cache import open_cache
     if cfg.test_csv is None: return None
     if cfg.test_cache is None: raise ValueError('test_csv is given but test_cache is not: build it with `cxrlt cache`')
     df, cache = read_test_csv(cfg.test_csv), open_cache(cfg.test_cache)
@@ -271,17 +295,20 @@ def test_data(cfg:TrainConfig) -> Optional[dict]:
     if cfg.test_labels_csv is not None:
         answers = read_training_csv(cfg.test_labels_csv).set_index('ImageID')
         missing = ~df.ImageID.isin(answers.index)
-        if missing.any(): raise ValueError(f'{cfg.test_labels_csv} has no labels for {missing.sum()} test images, e.g. {df.ImageID[missing].iloc[0]!r}')
+        if missing.any():
+            raise ValueError(f'{cfg.test_labels_csv} has no labels for {missing.sum()} test images, '
+                             f'e.g. {df.ImageID[missing].iloc[0]!r}')
         labels = answers.loc[df.ImageID, CLASSES].to_numpy(np.float32)
     return {'test': df, 'cache': cache, 'labels': labels}
 
 # %% ../nbs/07_train.ipynb #af08f551
 def _make_sampler(cfg, labels, rank, world):
-    from cxrlt.data import ClassAwareSampler, InstanceBalancedSampler, RepeatFactorSampler, SquareRootSampler
+    from cxrlt.samplers import ClassAwareSampler, InstanceBalancedSampler, RepeatFactorSampler, SquareRootSampler
     cls = {'instance': InstanceBalancedSampler, 'class_aware': ClassAwareSampler, 'sqrt': SquareRootSampler,
            'repeat_factor': RepeatFactorSampler}[cfg.sampler]
     return cls(labels, seed=cfg.seed, num_replicas=world, rank=rank)
 
+# %% ../nbs/07_train.ipynb #f4e56930
 def _loss_counts(counts:np.ndarray) -> np.ndarray:
     "Training counts for count-based losses; a class without positives counts as 1 (logged), as margins need n > 0."
     zero = [CLASSES[j] for j in np.flatnonzero(counts == 0)]
@@ -305,6 +332,7 @@ def _predict_dataset(model, ds, cfg, rank, world, device, autocast) -> Optional[
     for m, lg in parts: out[m] = lg
     return out
 
+# %% ../nbs/07_train.ipynb #ed3ab2cd
 def _probabilities(loss_fn, logits:np.ndarray) -> np.ndarray:
     return loss_fn.probabilities(torch.from_numpy(logits)).double().numpy()
 
@@ -316,12 +344,15 @@ def _plot_curves(history:pd.DataFrame, path:Path):
     ax[0].plot(history.epoch, history.train_loss, 'o-', label='train')
     ax[0].plot(history.epoch, history.val_loss, 'o-', label='val')
     ax[0].set(xlabel='epoch', ylabel='loss', title='loss'); ax[0].legend()
-    ax[1].plot(history.epoch, history.val_mAP, 'o-'); ax[1].set(xlabel='epoch', ylabel='macro mAP', title='validation mAP')
-    ax[2].plot(history.epoch, history.lr, 'o-'); ax[2].set(xlabel='epoch', ylabel='lr (end of epoch)', title='learning rate')
+    ax[1].plot(history.epoch, history.val_mAP, 'o-')
+    ax[1].set(xlabel='epoch', ylabel='macro mAP', title='validation mAP')
+    ax[2].plot(history.epoch, history.lr, 'o-')
+    ax[2].set(xlabel='epoch', ylabel='lr (end of epoch)', title='learning rate')
     fig.tight_layout()
     with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
 
+# %% ../nbs/07_train.ipynb #eba4b393
 def _predictions_frame(ids, split:str, probs:np.ndarray, logits:np.ndarray) -> pd.DataFrame:
     df = pd.DataFrame({'ImageID': list(ids), 'split': split})
     logit_columns = pd.DataFrame(logits, columns=[f'logit:{c}' for c in CLASSES])
@@ -329,7 +360,7 @@ def _predictions_frame(ids, split:str, probs:np.ndarray, logits:np.ndarray) -> p
 
 # %% ../nbs/07_train.ipynb #af2ed4b1
 class CheckpointSaver:
-    "`last.pt` (everything that resumes training exactly) after each epoch, `best.pt` (evaluated weights) on improvement."
+    "`last.pt` (all that resumes training exactly) after each epoch, `best.pt` (evaluated weights) on improvement."
     def __init__(self, run_dir, # the run directory
                  model:nn.Module, optimizer, scheduler, # what trains
                  scaler=None, # the float16 gradient scaler, if any
@@ -373,6 +404,7 @@ def resume(self:CheckpointSaver, device) -> Optional[dict]:
     set_rng_state(ck['rng'])
     return ck['state']
 
+# %% ../nbs/07_train.ipynb #395f8445
 @patch
 def load_best(self:CheckpointSaver, device) -> dict:
     "Load `best.pt`'s weights into the model; returns the checkpoint."
@@ -383,6 +415,7 @@ def load_best(self:CheckpointSaver, device) -> dict:
 # %% ../nbs/07_train.ipynb #d94a68e6
 def _new_state() -> dict: return {'epoch': 0, 'best_map': -math.inf, 'best_epoch': -1, 'bad_epochs': 0, 'history': []}
 
+# %% ../nbs/07_train.ipynb #e8240a7e
 def _record_epoch(state:dict, row:dict) -> bool:
     "Add an epoch's history row (with its `val_mAP`) to `state`; whether it is the best epoch so far."
     state['history'].append(row)
@@ -392,6 +425,7 @@ def _record_epoch(state:dict, row:dict) -> bool:
     state['epoch'] = row['epoch']
     return improved
 
+# %% ../nbs/07_train.ipynb #5d99d1a4
 def _should_stop(state:dict, patience:Optional[int]) -> bool:
     return state['bad_epochs'] >= (patience or math.inf)
 
@@ -406,6 +440,7 @@ def _open_run(cfg:TrainConfig, rank:int) -> tuple:
         else: start_run(cfg.out_dir, run_dir.name, cfg, resume=True)
     return run_dir, broadcast_from_rank0(finished)
 
+# %% ../nbs/07_train.ipynb #62ca5e43
 def _run_data(cfg:TrainConfig, rank:int, world:int) -> dict:
     "`training_data` on every rank, rank 0 first (it may create the shared split file)."
     data = training_data(cfg) if rank == 0 else None
@@ -413,12 +448,13 @@ def _run_data(cfg:TrainConfig, rank:int, world:int) -> dict:
     return data if rank == 0 else training_data(cfg)
 
 # %% ../nbs/07_train.ipynb #57613ccf
-def _train_loader(cfg:TrainConfig, dataset, labels:np.ndarray, rank:int, world:int, device) -> torch.utils.data.DataLoader:
+def _train_loader(cfg:TrainConfig, dataset, labels:np.ndarray, rank:int, world:int, device):
     "Each process's loader of training batches, drawn by the configured long-tail sampler."
     sampler, per_rank = _make_sampler(cfg, labels, rank, world), cfg.batch_size // world
     return torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
                                        drop_last=len(sampler) > per_rank, pin_memory=device.type == 'cuda')
 
+# %% ../nbs/07_train.ipynb #cc32d37b
 def _build_model(cfg:TrainConfig, size:int, device) -> nn.Module:
     "The configured backbone with a 30-class head, on `device` (channels_last when asked)."
     from cxrlt.models import create_model
@@ -435,12 +471,14 @@ def _optimisation(cfg:TrainConfig, model:nn.Module, n_batches:int, device) -> di
                                                momentum=cfg.momentum)
     steps_per_epoch = math.ceil(n_batches / cfg.accum_steps)
     total, warm = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_warmup_factor(s, total, warm, cfg.min_lr_ratio))
+    factor = lambda s: cosine_warmup_factor(s, total, warm, cfg.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     dtype = amp_dtype(device, cfg.amp)
     return {'optimizer': optimizer, 'scheduler': scheduler, 'autocast': autocast_for(device, dtype),
             'scaler': torch.amp.GradScaler(device.type) if dtype == torch.float16 else None,
             'ema': timm.utils.ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None}
 
+# %% ../nbs/07_train.ipynb #ebf062a7
 def _wrap_for_training(cfg:TrainConfig, model:nn.Module, world:int, device) -> nn.Module:
     "`model` compiled (when asked) and wrapped in DistributedDataParallel under several processes."
     if cfg.compile: model = torch.compile(model)
@@ -457,6 +495,7 @@ def _validate(model, loss_fn, val_ds, y_val:np.ndarray, groups, cfg, rank, world
     val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val)))
     return {'val_loss': val_loss, 'val_mAP': ev.summary['mAP'], 'val_mAUC': ev.summary['mAUC']}
 
+# %% ../nbs/07_train.ipynb #32bdfc74
 def _log_epoch(row:dict, improved:bool):
     logger.info(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, val loss {row['val_loss']:.4f}, "
                 f"val mAP {row['val_mAP']:.4f}{' (best)' if improved else ''}, {row['images_per_s']:.1f} img/s")
@@ -468,6 +507,7 @@ def _load_best(saver:CheckpointSaver, rank:int, world:int, device):
     if world > 1: dist.barrier()
     if rank != 0: saver.load_best(device)
 
+# %% ../nbs/07_train.ipynb #4f4e6a3f
 def _score_split(run_dir:Path, split:str, ids, labels, logits:np.ndarray, loss_fn, groups) -> tuple:
     "A split's rows of the predictions file, and its metrics (saved under `run_dir/split`) when it has labels."
     from cxrlt.metrics import evaluate
@@ -481,8 +521,8 @@ def _score_split(run_dir:Path, split:str, ids, labels, logits:np.ndarray, loss_f
 # %% ../nbs/07_train.ipynb #158b3700
 def _predict_and_save(cfg, model, loss_fn, val_df, y_val, val_ds, groups, state, run_dir, rank, world, device,
                       autocast) -> Optional[dict]:
-    "Predictions of the best checkpoint on val (and test); rank 0 writes them with metrics, curves and the end of the run."
-    from cxrlt.images import CachedImageDataset
+    "Best-checkpoint predictions on val (and test); rank 0 writes them, the metrics and curves, and ends the run."
+    from cxrlt.datasets import CachedImageDataset
     val_logits = _predict_dataset(model, val_ds, cfg, rank, world, device, autocast)
     test = test_data(cfg)
     if test is not None:
@@ -506,7 +546,8 @@ def _predict_and_save(cfg, model, loss_fn, val_df, y_val, val_ds, groups, state,
 def fit(cfg:TrainConfig) -> dict:
     "Train (or resume, or return the finished) run described by `cfg`; returns its metrics and run directory."
     rank, world, device = init_distributed(cfg.device)
-    if cfg.batch_size % world: raise ValueError(f'batch_size {cfg.batch_size} must be divisible by the {world} processes')
+    if cfg.batch_size % world:
+        raise ValueError(f'batch_size {cfg.batch_size} must be divisible by the {world} processes')
     seed_everything(cfg.seed, cfg.deterministic)
     run_dir, finished = _open_run(cfg, rank)
     if finished is not None: return {**finished, 'run_dir': str(run_dir)}
@@ -521,7 +562,7 @@ def fit(cfg:TrainConfig) -> dict:
 # %% ../nbs/07_train.ipynb #88a87d80
 def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
     "The body of `fit`: data, model, loss and optimisation, the epochs, then predictions from the best checkpoint."
-    from cxrlt.images import CachedImageDataset, train_augmentation
+    from cxrlt.datasets import CachedImageDataset, train_augmentation
     from cxrlt.labels import class_groups
     from cxrlt.losses import make_loss
     data = _run_data(cfg, rank, world)
@@ -533,14 +574,15 @@ def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
     loader = _train_loader(cfg, train_ds, y_train, rank, world, device)
     model = _build_model(cfg, cache.size, device)
     loss_fn = make_loss(cfg.loss, _loss_counts(counts), drw_start_epoch=cfg.drw_start_epoch, drw_beta=cfg.drw_beta,
-                        **cfg.loss_kwargs)
+                        **{'n_images': len(train_df), **cfg.loss_kwargs})
     loss_scale = float(world) if getattr(loss_fn, 'reduction', 'mean') == 'sum' else 1.0
     n_batches = len(loader) if cfg.max_batches_per_epoch is None else min(len(loader), cfg.max_batches_per_epoch)
     opt = _optimisation(cfg, model, n_batches, device)
     train_model = _wrap_for_training(cfg, model, world, device)
     saver = CheckpointSaver(run_dir, model, opt['optimizer'], opt['scheduler'], opt['scaler'], opt['ema'])
     state = saver.resume(device) or _new_state()
-    if rank == 0 and state['epoch']: logger.info(f"resuming {run_dir.name} after epoch {state['epoch']} of {cfg.epochs}")
+    if rank == 0 and state['epoch']:
+        logger.info(f"resuming {run_dir.name} after epoch {state['epoch']} of {cfg.epochs}")
     groups = class_groups(counts, len(train_df))
     for epoch in range(state['epoch'], cfg.epochs):
         if _should_stop(state, cfg.patience): break
@@ -585,35 +627,3 @@ def train_cli(overrides:Param('config overrides, key=value (values parsed as YAM
               + (f", test mAP {r['test']['mAP']:.4f}" if r.get('test') else ''))
     if dist.is_initialized(): dist.destroy_process_group()
     return 0
-
-# %% ../nbs/07_train.ipynb #e66053c2
-def run_config(run_dir) -> TrainConfig:
-    "The `TrainConfig` a run was trained with (from its manifest)."
-    path = Path(run_dir)/'manifest.json'
-    if not path.exists(): raise FileNotFoundError(f'{run_dir} is not a cxrlt run directory (no manifest.json)')
-    return TrainConfig.from_dict(load_json(path)['params'], source=str(path))
-
-def load_best_model(run_dir, device='cpu') -> nn.Module:
-    "The run's best-checkpoint model, in eval mode on `device`."
-    from cxrlt.models import create_model
-    ck = load_checkpoint(Path(run_dir)/'best.pt', map_location=device)
-    mc = ck['model_config']
-    model = create_model(mc['name'], num_classes=mc['num_classes'], head=mc['head'], drop_rate=mc['drop_rate'],
-                         img_size=mc['img_size'], in_chans=mc['in_chans'])
-    model.load_state_dict(ck['model'])
-    return model.to(device).eval()
-
-def run_datasets(run_dir) -> dict:
-    "Un-augmented datasets of a run: 'train', 'val' (and 'test') with their tables and label matrices."
-    from cxrlt.images import CachedImageDataset
-    cfg = run_config(run_dir)
-    d = training_data(cfg)
-    out = {}
-    for split in ('train', 'val'):
-        y = d[split][CLASSES].to_numpy(np.float32)
-        out[split] = {'table': d[split], 'labels': y, 'dataset': CachedImageDataset(d['cache'], d[split].ImageID, y)}
-    t = test_data(cfg)
-    if t is not None:
-        out['test'] = {'table': t['test'], 'labels': t['labels'],
-                       'dataset': CachedImageDataset(t['cache'], t['test'].ImageID, t['labels'])}
-    return out

@@ -14,8 +14,9 @@ def tiny_challenge(folder, # where to write images/, train.csv (and test.csv, te
                    size:int=48, # side of the 16-bit PNGs
                    cache_size:int=32, # side of the cached images
                    seed:int=0):
-    "16-bit PNGs whose classes are bright squares at class-specific places on noise; class j is positive with a rate falling from 0.5 to 0.02."
-    from cxrlt.images import build_cache
+    """16-bit PNGs whose classes are bright squares at class-specific places on noise;
+    class j is positive with a rate falling from 0.5 to 0.02."""
+    from cxrlt.cache import build_cache
     rng = np.random.default_rng(seed)
     (folder/'images').mkdir(parents=True, exist_ok=True)
     cell = max(7, size // 7)  # a 6 × 5 grid of class squares, each (cell - 2) pixels wide

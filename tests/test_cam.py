@@ -1,4 +1,5 @@
-"The Grad-CAM explorer as users build and use it: `cxrlt cam` on a table run and on one run, and the page in a real browser (Debian Chromium driven by Playwright)."
+"""The Grad-CAM explorer as users build and use it: `cxrlt cam` on a table run and on one run, and the page in a real
+browser (Debian Chromium driven by Playwright)."""
 import json, os, re, warnings
 from pathlib import Path
 
@@ -10,9 +11,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import cxrlt.cli
-from cxrlt.cam import build_cam_explorer, cam_cli, class_activation_maps, explorer_html
+from cxrlt.cam import cam_cli, class_activation_maps, explorer_file, explorer_html
 from conftest import tiny_challenge
-from cxrlt.labels import CLASSES
 
 CHROMIUM = '/usr/bin/chromium'
 CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
@@ -25,9 +25,9 @@ pytestmark = pytest.mark.usefixtures('one_thread')
 
 @pytest.fixture(scope='module')
 def table(tmp_path_factory):
-    "A table run of two finished rows (ResNet with BCE and with ASL, 2 epochs on 48 tiny 64-px images) and one unfinished row."
+    "A table run of two finished rows (ResNet, BCE and ASL, 2 epochs on 48 tiny 64-px images) and one unfinished row."
     from cxrlt.core import logger, save_json
-    from cxrlt.images import AugmentConfig
+    from cxrlt.datasets import AugmentConfig
     from cxrlt.train import TrainConfig, fit
     folder = tiny_challenge(tmp_path_factory.mktemp('tiny'), n_train=48, size=64, cache_size=64)
     level = logger.level
@@ -37,8 +37,9 @@ def table(tmp_path_factory):
             warnings.simplefilter('ignore')
             for loss in ('bce', 'asl'):
                 fit(TrainConfig(train_csv=folder/'train.csv', train_cache=folder/'cache', out_dir=folder/'table',
-                                backbone='resnet10t', loss=loss, run_name=f'resnet10t-{loss}', epochs=2, batch_size=12, lr=3e-3, val_fraction=0.25,
-                                progress=False, augment=AugmentConfig(degrees=0, translate=0, scale=(1, 1))))
+                                backbone='resnet10t', loss=loss, run_name=f'resnet10t-{loss}', epochs=2, batch_size=12,
+                                lr=3e-3, val_fraction=0.25, progress=False,
+                                augment=AugmentConfig(degrees=0, translate=0, scale=(1, 1))))
     finally: logger.setLevel(level)
     (folder/'table'/'crashed').mkdir()
     save_json({'status': 'failed', 'params': {}}, folder/'table'/'crashed'/'manifest.json')
@@ -51,8 +52,8 @@ def explorer(table):
     mp = pytest.MonkeyPatch()
     mp.setitem(cxrlt.cli.COMMANDS, 'cam', ('cxrlt.cam:cam_cli', 'Grad-CAM explorer'))
     try:
-        rc = cxrlt.cli.main(['cam', '--run', str(table/'table'), '--n_images', '2', '--classes', ','.join(PANEL_CLASSES),
-                             '--method', 'gradcam,gradcam++', '--device', 'cpu'])
+        rc = cxrlt.cli.main(['cam', '--run', str(table/'table'), '--n_images', '2',
+                             '--classes', ','.join(PANEL_CLASSES), '--method', 'gradcam,gradcam++', '--device', 'cpu'])
     finally: mp.undo()
     assert rc == 0
     return table/'table'/'cam'
@@ -61,11 +62,12 @@ def explorer(table):
 def test_cli_builds_the_table_run(table, explorer):
     cams = pd.read_csv(explorer/'cams.csv', dtype={'ImageID': str})
     assert sorted(cams.model.unique()) == ['resnet10t-asl', 'resnet10t-bce']          # the unfinished row is skipped
-    assert len(cams) == 2 * 2 * len(PANEL_CLASSES) * 2                              # models × methods × classes × images
+    assert len(cams) == 2 * 2 * len(PANEL_CLASSES) * 2                         # models × methods × classes × images
     labels = pd.read_csv(table/'train.csv').set_index('ImageID')
     for run, g in cams.groupby('model'):
         pred = pd.read_csv(table/'table'/run/'predictions.csv').query("split == 'val'").set_index('ImageID')
-        np.testing.assert_allclose(g.probability, [pred.at[v, c] for v, c in zip(g.ImageID, g['class'])], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(g.probability, [pred.at[v, c] for v, c in zip(g.ImageID, g['class'])],
+                                   rtol=0, atol=1e-12)
     assert cams.ground_truth.tolist() == [int(labels.at[v, c]) for v, c in zip(cams.ImageID, cams['class'])]
     split = pd.read_csv(table/'table'/'split.csv').set_index('ImageID')
     assert (split.loc[cams.ImageID.unique(), 'split'] == 'val').all()                 # validation images only
@@ -85,6 +87,20 @@ def test_cli_builds_the_table_run(table, explorer):
     assert [m['feature_map'] for m in data['models']] == [[2, 2], [2, 2]]          # 64 px input / stride 32
 
 
+def test_page_inlines_the_package_files(explorer):
+    "index.html is one file: the package's explorer.css and explorer.js inline, in place of the links to them."
+    import importlib.resources
+    folder = importlib.resources.files('cxrlt').joinpath('explorer')
+    html, css, js = ((folder/f'explorer.{x}').read_text(encoding='utf-8') for x in ('html', 'css', 'js'))
+    page = (explorer/'index.html').read_text(encoding='utf-8')
+    assert re.findall(r'<style>\n(.*?)</style>', page, re.S) == [css]
+    assert re.findall(r'<script>\n(.*?)</script>', page, re.S) == [js]
+    assert 'explorer.css' not in page and 'explorer.js' not in page and '<link rel="stylesheet"' not in page
+    head, tail = html.split('<link rel="stylesheet" href="explorer.css">\n')
+    assert page.startswith(head) and page.endswith(tail.split('<script src="explorer.js"></script>\n')[1])
+    assert explorer_file('explorer.js') == js
+
+
 def test_cli_single_run_and_errors(table, capsys):
     run = table/'table'/'resnet10t-bce'
     assert cam_cli(run=str(run), n_images=1, classes='cardiomegaly', device='cpu') == 0
@@ -102,7 +118,7 @@ def test_cli_single_run_and_errors(table, capsys):
 
 
 def _reference_gradcam(model, x, k):
-    "Grad-CAM from its published formula: ReLU(Σ_k mean(∂y/∂A_k)·A_k), min-max scaled, bilinear to the input, scaled again."
+    "Grad-CAM by its published formula: ReLU(Σ_k mean(∂y/∂A_k)·A_k), min-max scaled, resized bilinearly, scaled again."
     from cxrlt.models import gradcam_target_layer
     store = {}
     hook = gradcam_target_layer(model).register_forward_hook(lambda m, i, o: store.__setitem__('A', o))
@@ -116,7 +132,8 @@ def _reference_gradcam(model, x, k):
     return minmax(F.interpolate(minmax(cam), size=x.shape[-2:], mode='bilinear', align_corners=False))[:, 0].numpy()
 
 
-@pytest.mark.parametrize('name', ['resnet10t', 'densenet121', 'tf_efficientnetv2_b0', 'efficientformerv2_s0', 'convnext_atto'])
+@pytest.mark.parametrize('name', ['resnet10t', 'densenet121', 'tf_efficientnetv2_b0', 'efficientformerv2_s0',
+                                  'convnext_atto'])
 def test_every_family_matches_the_formula(name):
     from cxrlt.models import create_model, get_classifier
     torch.manual_seed(0)
@@ -171,9 +188,11 @@ def test_explorer_in_chromium(explorer, tmp_path_factory):
         page.select_option('#per-class', '1')
         tiles = page.locator('#grid .tile')
         assert tiles.count() == 4
-        page.wait_for_function("[...document.querySelectorAll('#grid .tile img')].every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function("[...document.querySelectorAll('#grid .tile img')]"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
         # each tile shows its probability and ground truth, as in the manifest
-        shown = cams[(cams.method == 'gradcam') & (cams.slot == 0) & cams['class'].isin(['aortic elongation', 'cardiomegaly'])]
+        shown = cams[(cams.method == 'gradcam') & (cams.slot == 0)
+                     & cams['class'].isin(['aortic elongation', 'cardiomegaly'])]
         shown = shown.sort_values(['class_index', 'model'])
         for i, (_, t) in enumerate(shown.iterrows()):
             text = tiles.nth(i).inner_text()
@@ -187,7 +206,8 @@ def test_explorer_in_chromium(explorer, tmp_path_factory):
         assert page.inner_text('#detail-title') == f'{first["class"]} · {first.model} · {first.ImageID}'
         facts = page.inner_text('#detail-facts')
         assert f'{first.probability:.4f}' in facts and first.ImageID in facts
-        page.wait_for_function("document.getElementById('detail-overlay').naturalWidth > 0 && document.getElementById('detail-image').naturalWidth > 0")
+        page.wait_for_function("document.getElementById('detail-overlay').naturalWidth > 0"
+                               " && document.getElementById('detail-image').naturalWidth > 0")
         page.screenshot(path=str(shots/'cam_explorer_detail.png'))
         page.keyboard.press('ArrowRight')                                    # next tile
         assert page.inner_text('#detail-title').startswith(f'{shown.iloc[2]["class"]} · {shown.iloc[2].model}')
@@ -205,7 +225,8 @@ def test_explorer_in_chromium(explorer, tmp_path_factory):
         # filters, at a threshold that makes the least likely negative a false positive
         page.get_by_label('calcified densities', exact=True).check()
         page.select_option('#per-class', '2')
-        sel = cams[(cams.method == 'gradcam') & cams['class'].isin(['aortic elongation', 'cardiomegaly', 'calcified densities'])]
+        sel = cams[(cams.method == 'gradcam')
+                   & cams['class'].isin(['aortic elongation', 'cardiomegaly', 'calcified densities'])]
         thr = np.floor(sel.probability[sel.ground_truth == 0].min() * 1e4) / 1e4
         page.fill('#threshold', f'{thr:.4f}')
         called = sel.probability >= thr
@@ -213,7 +234,8 @@ def test_explorer_in_chromium(explorer, tmp_path_factory):
                            ('fn', (sel.ground_truth == 1) & ~called), ('all', called | ~called)):
             page.select_option('#filter', kind)
             assert tiles.count() == int(want.sum())
-            if kind != 'all': assert all(kind in tiles.nth(i).get_attribute('class').split() for i in range(tiles.count()))
+            if kind != 'all':
+                assert all(kind in tiles.nth(i).get_attribute('class').split() for i in range(tiles.count()))
         assert int(((sel.ground_truth == 0) & called).sum()) >= 1
         browser.close()
     assert problems == [], problems

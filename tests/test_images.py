@@ -1,6 +1,5 @@
 "The image cache as users run it: PadChest-size PNGs, DICOMs, kill -9 and resume, the CLI, DataLoaders."
 import os, shutil, signal, subprocess, sys, textwrap, time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import cxrlt.cache as cc
 import cxrlt.cli
+import cxrlt.datasets as cd
 import cxrlt.images as ci
 
 
@@ -31,12 +32,12 @@ def reference_row(a, size, aspect='pad', low=0.5, high=99.5):
     if aspect == 'crop': nh, nw = max(nh, size), max(nw, size)
     r = F.interpolate(torch.from_numpy(x)[None, None], size=(nh, nw), mode='bilinear', antialias=True)[0, 0].numpy()
     if aspect == 'crop':
-        t, l = (nh - size) // 2, (nw - size) // 2
-        out = r[t:t + size, l:l + size]
+        top, left = (nh - size) // 2, (nw - size) // 2
+        out = r[top:top + size, left:left + size]
     else:
         out = np.zeros((size, size))
-        t, l = (size - nh) // 2, (size - nw) // 2
-        out[t:t + nh, l:l + nw] = r
+        top, left = (size - nh) // 2, (size - nw) // 2
+        out[top:top + nh, left:left + nw] = r
     return np.rint(np.clip(out, 0, 1) * 255)
 
 
@@ -65,22 +66,23 @@ def test_padchest_size_16bit_png_round_trips(tmp_path):
     assert Image.open(tmp_path / 'src' / 'big.png').mode == 'I;16'
     for size, aspect in [(512, 'pad'), (224, 'crop')]:
         out = tmp_path / f'cache{size}'
-        s = ci.build_cache(['big.png'], tmp_path / 'src', out, size=size, aspect=aspect, workers=1, progress=False)
+        s = cc.build_cache(['big.png'], tmp_path / 'src', out, size=size, aspect=aspect, workers=1, progress=False)
         assert (s['n_images'], s['decoded'], s['failed']) == (1, 1, 0)
-        cache = ci.open_cache(out)
+        cache = cc.open_cache(out)
         assert cache.images.shape == (1, size, size) and cache.images.dtype == np.uint8
         assert_close_to_reference(cache['big.png'], a, size, aspect)
         meta = pd.read_json(out / 'cache.json', typ='series')
-        assert (meta['size'], meta['aspect'], meta['windowing'], list(meta['percentiles']), meta['status']) == (size, aspect, 'auto', [0.5, 99.5], 'complete')
+        got = (meta['size'], meta['aspect'], meta['windowing'], list(meta['percentiles']), meta['status'])
+        assert got == (size, aspect, 'auto', [0.5, 99.5], 'complete')
 
 
 def test_kill_9_then_resume_gives_identical_bytes(tmp_path, many_pngs):
     src, ids = many_pngs
-    ref = ci.build_cache(ids, src, tmp_path / 'reference', size=64, workers=1, chunk_size=2, progress=False)
+    ref = cc.build_cache(ids, src, tmp_path / 'reference', size=64, workers=1, chunk_size=2, progress=False)
     assert ref['decoded'] == 48
     out = tmp_path / 'killed'
     code = textwrap.dedent(f'''
-        from cxrlt.images import build_cache
+        from cxrlt.cache import build_cache
         build_cache({ids!r}, {str(src)!r}, {str(out)!r}, size=64, workers=2, chunk_size=2, progress=False)
     ''')
     proc = subprocess.Popen([sys.executable, '-c', code], start_new_session=True, stderr=subprocess.PIPE)
@@ -94,21 +96,21 @@ def test_kill_9_then_resume_gives_identical_bytes(tmp_path, many_pngs):
     done = len(list((out / 'chunks').glob('*.json')))
     assert 2 <= done < 24, f'{done} of 24 chunks were done when killed; the test needs an interrupted build'
     with pytest.raises(RuntimeError, match=r"not complete \(status 'building'"):
-        ci.open_cache(out)
+        cc.open_cache(out)
 
-    s = ci.build_cache(ids, src, out, size=64, workers=2, chunk_size=2, progress=False)
+    s = cc.build_cache(ids, src, out, size=64, workers=2, chunk_size=2, progress=False)
     assert s['decoded'] == 2 * (24 - done) and s['reused'] == 2 * done, s   # only the missing chunks
     for name in ['images.npy', 'index.csv', 'failures.csv']:
         assert (out / name).read_bytes() == (tmp_path / 'reference' / name).read_bytes(), name
-    again = ci.build_cache(ids, src, out, size=64, workers=2, chunk_size=2, progress=False)
+    again = cc.build_cache(ids, src, out, size=64, workers=2, chunk_size=2, progress=False)
     assert again['decoded'] == 0
 
 
 def test_cache_rows_follow_the_csv_order(tmp_path, many_pngs):
     src, ids = many_pngs
     pick = ids[5:8][::-1]
-    ci.build_cache(pick, src, tmp_path / 'c', size=48, workers=1, progress=False)
-    cache = ci.open_cache(tmp_path / 'c')
+    cc.build_cache(pick, src, tmp_path / 'c', size=48, workers=1, progress=False)
+    cache = cc.open_cache(tmp_path / 'c')
     assert cache.image_ids == pick
     for row, name in enumerate(pick):
         a = np.asarray(Image.open(next(src.rglob(name))))
@@ -125,7 +127,7 @@ def test_bad_images_are_reported_with_their_reason(tmp_path):
     (src / 'scan.jpg').write_bytes(b'')
     ids = ['good.png', 'cut.png', 'junk.png', 'colour.png', 'scan.jpg', 'absent.png']
     with pytest.raises(RuntimeError, match=r'5 of 6 images could not be decoded \(max_failures=4\)') as e:
-        ci.build_cache(ids, src, tmp_path / 'c', size=32, workers=1, max_failures=4, progress=False)
+        cc.build_cache(ids, src, tmp_path / 'c', size=32, workers=1, max_failures=4, progress=False)
     assert 'cut.png' in str(e.value) and 'failures.csv' in str(e.value)
     report = pd.read_csv(tmp_path / 'c' / 'failures.csv', keep_default_na=False).set_index('ImageID')
     assert list(report.index) == ids[1:]
@@ -135,9 +137,9 @@ def test_bad_images_are_reported_with_their_reason(tmp_path):
     assert "unsupported extension '.jpg'" in report.loc['scan.jpg', 'reason']
     assert report.loc['absent.png', 'reason'].startswith("missing: no file 'absent.png'")
     assert report.loc['cut.png', 'path'] == str(src / 'cut.png')
-    s = ci.build_cache(ids, src, tmp_path / 'c', size=32, workers=1, max_failures=5, progress=False)
+    s = cc.build_cache(ids, src, tmp_path / 'c', size=32, workers=1, max_failures=5, progress=False)
     assert s['failed'] == 5
-    cache = ci.open_cache(tmp_path / 'c')
+    cache = cc.open_cache(tmp_path / 'c')
     assert_close_to_reference(cache['good.png'], good, 32)
     assert cache.images[1:].max() == 0
 
@@ -148,22 +150,22 @@ def test_a_fixed_image_is_picked_up_by_the_next_run(tmp_path, many_pngs):
     for name in ids[:6]: shutil.copy(next(src_all.rglob(name)), src / name)
     (src / ids[4]).unlink()
     with pytest.raises(RuntimeError, match='1 of 6 images'):
-        ci.build_cache(ids[:6], src, tmp_path / 'c', size=32, workers=1, chunk_size=2, progress=False)
+        cc.build_cache(ids[:6], src, tmp_path / 'c', size=32, workers=1, chunk_size=2, progress=False)
     with pytest.raises(RuntimeError, match=r"status 'failed'"):
-        ci.open_cache(tmp_path / 'c')
+        cc.open_cache(tmp_path / 'c')
     shutil.copy(next(src_all.rglob(ids[4])), src / ids[4])
-    s = ci.build_cache(ids[:6], src, tmp_path / 'c', size=32, workers=1, chunk_size=2, progress=False)
+    s = cc.build_cache(ids[:6], src, tmp_path / 'c', size=32, workers=1, chunk_size=2, progress=False)
     assert (s['decoded'], s['reused'], s['failed']) == (2, 4, 0)
-    assert_close_to_reference(ci.open_cache(tmp_path / 'c')[ids[4]], np.asarray(Image.open(src / ids[4])), 32)
+    assert_close_to_reference(cc.open_cache(tmp_path / 'c')[ids[4]], np.asarray(Image.open(src / ids[4])), 32)
 
 
 def test_resume_refuses_other_parameters(tmp_path, many_pngs):
     src, ids = many_pngs
-    ci.build_cache(ids[:2], src, tmp_path / 'c', size=32, workers=1, progress=False)
+    cc.build_cache(ids[:2], src, tmp_path / 'c', size=32, workers=1, progress=False)
     with pytest.raises(ValueError, match=r"windowing \(cache: 'auto', requested: 'fixed'\)"):
-        ci.build_cache(ids[:2], src, tmp_path / 'c', size=32, windowing='fixed', workers=1, progress=False)
+        cc.build_cache(ids[:2], src, tmp_path / 'c', size=32, windowing='fixed', workers=1, progress=False)
     with pytest.raises(ValueError, match='image_ids_sha256'):
-        ci.build_cache(ids[:2][::-1], src, tmp_path / 'c', size=32, workers=1, progress=False)
+        cc.build_cache(ids[:2][::-1], src, tmp_path / 'c', size=32, workers=1, progress=False)
 
 
 def test_dicom_and_png_in_one_cache(tmp_path):
@@ -171,8 +173,8 @@ def test_dicom_and_png_in_one_cache(tmp_path):
     src = tmp_path / 'src'; src.mkdir()
     shutil.copy(get_testdata_file('RG1_J2KR.dcm'), src / 'rg1.dcm')
     Image.fromarray(synthetic_cxr(60, 50, 3)).save(src / 'p.png')
-    ci.build_cache(['rg1.dcm', 'p.png'], src, tmp_path / 'c', size=128, workers=1, progress=False)
-    x = ci.open_cache(tmp_path / 'c')['rg1.dcm'].astype(np.float64)
+    cc.build_cache(['rg1.dcm', 'p.png'], src, tmp_path / 'c', size=128, workers=1, progress=False)
+    x = cc.open_cache(tmp_path / 'c')['rg1.dcm'].astype(np.float64)
     # 1955 x 1841 padded to 128: rows 0..127, columns 4..123 hold the chest
     lungs = [x[32:70, 20:43].mean(), x[32:70, 86:108].mean()]
     mediastinum = x[32:108, 58:70].mean()
@@ -183,7 +185,7 @@ def test_reading_the_cache_never_decodes_an_image(tmp_path, many_pngs, monkeypat
     src_all, ids = many_pngs
     src = tmp_path / 'src'; src.mkdir()
     for name in ids[:4]: shutil.copy(next(src_all.rglob(name)), src / name)
-    ci.build_cache(ids[:4], src, tmp_path / 'c', size=32, workers=1, progress=False)
+    cc.build_cache(ids[:4], src, tmp_path / 'c', size=32, workers=1, progress=False)
     expected = np.load(tmp_path / 'c' / 'images.npy').copy()
     shutil.rmtree(src)
 
@@ -191,23 +193,24 @@ def test_reading_the_cache_never_decodes_an_image(tmp_path, many_pngs, monkeypat
     monkeypatch.setattr(Image, 'open', no_decoding)
     monkeypatch.setattr(ci, 'read_image', no_decoding)
     monkeypatch.setattr(ci, 'read_png', no_decoding)
-    ds = ci.CachedImageDataset(tmp_path / 'c', channels=1, mean=(0.0,), std=(1.0,))
-    got = torch.cat([b for b in ci.cache_dataloader(ds, batch_size=3)])
+    monkeypatch.setattr(cc, 'preprocess_image', no_decoding)
+    ds = cd.CachedImageDataset(tmp_path / 'c', channels=1, mean=(0.0,), std=(1.0,))
+    got = torch.cat([b for b in cd.cache_dataloader(ds, batch_size=3)])
     assert torch.equal(got[:, 0], torch.from_numpy(expected).float() / 255)
 
 
 def test_distributed_sampler_shards_the_dataset(tmp_path, many_pngs):
     from torch.utils.data.distributed import DistributedSampler
     src, ids = many_pngs
-    ci.build_cache(ids[:10], src, tmp_path / 'c', size=16, workers=1, progress=False)
+    cc.build_cache(ids[:10], src, tmp_path / 'c', size=16, workers=1, progress=False)
     labels = np.arange(10 * 30).reshape(10, 30) % 2
-    ds = ci.CachedImageDataset(tmp_path / 'c', ids[:10], labels)
+    ds = cd.CachedImageDataset(tmp_path / 'c', ids[:10], labels)
     seen = []
     for rank in range(2):
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=3)
         sampler.set_epoch(1)
         idx = list(sampler)
-        loader = ci.cache_dataloader(ds, batch_size=2, sampler=sampler)
+        loader = cd.cache_dataloader(ds, batch_size=2, sampler=sampler)
         xs, ys = zip(*loader)
         assert torch.equal(torch.cat(ys), torch.from_numpy(labels[idx]).float())
         assert torch.equal(torch.cat(xs), torch.stack([ds[i][0] for i in idx]))
@@ -217,15 +220,16 @@ def test_distributed_sampler_shards_the_dataset(tmp_path, many_pngs):
 
 def test_dataloader_with_spawned_workers(tmp_path, many_pngs):
     src, ids = many_pngs
-    ci.build_cache(ids[:6], src, tmp_path / 'c', size=16, workers=1, progress=False)
-    ds = ci.CachedImageDataset(tmp_path / 'c')
-    serial = torch.cat(list(ci.cache_dataloader(ds, batch_size=4)))
-    spawned = torch.cat(list(ci.cache_dataloader(ds, batch_size=4, num_workers=2, multiprocessing_context='spawn')))
+    cc.build_cache(ids[:6], src, tmp_path / 'c', size=16, workers=1, progress=False)
+    ds = cd.CachedImageDataset(tmp_path / 'c')
+    serial = torch.cat(list(cd.cache_dataloader(ds, batch_size=4)))
+    spawned = torch.cat(list(cd.cache_dataloader(ds, batch_size=4, num_workers=2, multiprocessing_context='spawn')))
     assert torch.equal(serial, spawned)
 
 
 def test_translate_augmentation_stays_within_its_range():
-    aug = ci.train_augmentation(ci.AugmentConfig(hflip=0, degrees=0, translate=0.05, scale=(1, 1), brightness=0, contrast=0))
+    shift_only = cd.AugmentConfig(hflip=0, degrees=0, translate=0.05, scale=(1, 1), brightness=0, contrast=0)
+    aug = cd.train_augmentation(shift_only)
     x = torch.zeros(1, 64, 64); x[0, 32, 32] = 1
     torch.manual_seed(0)
     shifts = []
@@ -237,24 +241,27 @@ def test_translate_augmentation_stays_within_its_range():
 
 
 def write_challenge_csv(path, image_ids):
-    pd.DataFrame({'ImageID': image_ids, 'StudyDate_DICOM': '20140101', 'PatientID': '3.24E+38'}).to_csv(path, index=False)
+    table = pd.DataFrame({'ImageID': image_ids, 'StudyDate_DICOM': '20140101', 'PatientID': '3.24E+38'})
+    table.to_csv(path, index=False)
     return path
 
 
 def test_cache_command(tmp_path, many_pngs, monkeypatch, capsys):
     src, ids = many_pngs
-    monkeypatch.setitem(cxrlt.cli.COMMANDS, 'cache', ('cxrlt.images:cache_cli', 'build the image cache'))
+    monkeypatch.setitem(cxrlt.cli.COMMANDS, 'cache', ('cxrlt.cache:cache_cli', 'build the image cache'))
     csv = write_challenge_csv(tmp_path / 'dev.csv', ids[:5])
     out = tmp_path / 'cache64'
-    rc = cxrlt.cli.main(['cache', '--csv', str(csv), '--images', str(src), '--size', '64', '--out', str(out), '--workers', '1'])
+    rc = cxrlt.cli.main(['cache', '--csv', str(csv), '--images', str(src), '--size', '64', '--out', str(out),
+                         '--workers', '1'])
     assert rc == 0
     assert 'cache64: 5 images of 64x64 (5 decoded now, 0 reused, 0 failed)' in capsys.readouterr().out
-    cache = ci.open_cache(out)
+    cache = cc.open_cache(out)
     assert cache.image_ids == ids[:5] and cache.params['csv'] == str(csv.resolve())
     assert_close_to_reference(cache[ids[2]], np.asarray(Image.open(next(src.rglob(ids[2])))), 64)
 
     bad = write_challenge_csv(tmp_path / 'bad.csv', ids[:2] + ['nowhere.png'])
-    rc = cxrlt.cli.main(['cache', '--csv', str(bad), '--images', str(src), '--out', str(tmp_path / 'c2'), '--size', '32', '--workers', '1'])
+    rc = cxrlt.cli.main(['cache', '--csv', str(bad), '--images', str(src), '--out', str(tmp_path / 'c2'),
+                         '--size', '32', '--workers', '1'])
     err = capsys.readouterr().err
     assert rc == 1 and '1 of 3 images could not be decoded (max_failures=0)' in err and 'nowhere.png' in err
 

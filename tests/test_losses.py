@@ -7,11 +7,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
+import cxrlt.losses
 from cxrlt.labels import CLASSES
-from cxrlt.losses import (DRW, LOSSES, AsymmetricLoss, BCELoss, FocalLoss, LDAMLoss, LogitAdjustedBCE,
+from cxrlt.losses import (DRW, LOSSES, AsymmetricLoss, BCELoss, FocalLoss, LDAMDRWLoss, LDAMLoss, LogitAdjustedBCE,
                           MultiLabelLoss, NegativeTolerantBCE, bce, class_balanced_weights, class_counts,
-                          ldam_margins, make_loss)
+                          ldam_margins, loss_class, make_loss, without_drw)
 
 B, C = 6, 30
 N_IMAGES = 60_000
@@ -34,7 +36,8 @@ def ref_focal(z, y, gamma, alpha=None):
 
 
 def ref_asl(z, y, gamma_neg=4.0, gamma_pos=1.0, clip=0.05, eps=1e-8):
-    "Ridnik et al. 2021: p_m = max(p - m, 0); -[y (1-p)^γ+ log p + (1-y) p_m^γ- log(1-p_m)], probabilities clamped at eps in the logs."
+    """Ridnik et al. 2021: p_m = max(p - m, 0); -[y (1-p)^γ+ log p + (1-y) p_m^γ- log(1-p_m)],
+    probabilities clamped at eps in the logs."""
     p = sigmoid(z)
     p_m = max(p - clip, 0.0)
     pos = (1 - p) ** gamma_pos * math.log(max(p, eps))
@@ -297,7 +300,8 @@ def test_ldam_probabilities_are_sigmoid_of_scaled_logits():
 
 
 # ---------------------------------------------------------------- logit adjustment and negative-tolerant BCE
-@pytest.mark.parametrize('tau,adjustment', [(1.0, 'log_odds'), (0.5, 'log_odds'), (1.0, 'log_prior'), (2.0, 'log_prior')])
+@pytest.mark.parametrize('tau,adjustment',
+                         [(1.0, 'log_odds'), (0.5, 'log_odds'), (1.0, 'log_prior'), (2.0, 'log_prior')])
 def test_logit_adjusted_bce_matches_reference(rng, counts, tau, adjustment):
     z, y = batch(rng)
     ref = elementwise(ref_logit_adjusted, z, y, per_class=lambda j: {'n': counts[j]}, n_images=N_IMAGES, tau=tau,
@@ -365,7 +369,8 @@ def test_drw_uniform_then_class_balanced_for_every_loss(rng, counts, name):
     w = np.array(ref_cb_weights(counts, 0.999))
     for epoch, weight in [(0, None), (2, None), (3, w), (7, w)]:
         got = loss.set_epoch(epoch)(t(z), t(y))
-        np.testing.assert_allclose(got.numpy(), reduce(ref, weight, red), rtol=2e-6, atol=1e-6, err_msg=f'{name} epoch {epoch}')
+        np.testing.assert_allclose(got.numpy(), reduce(ref, weight, red), rtol=2e-6, atol=1e-6,
+                                   err_msg=f'{name} epoch {epoch}')
         assert loss.active == (weight is not None)
 
 
@@ -404,9 +409,11 @@ def test_every_loss_takes_a_per_class_weight(rng, counts, name):
 
 
 def test_make_loss_errors_list_what_is_valid(counts):
-    with pytest.raises(ValueError, match="unknown loss 'ce'; valid losses: bce, focal, asl, ldam, ldam_drw, logit_adjusted_bce"):
+    with pytest.raises(ValueError,
+                       match="unknown loss 'ce'; valid losses: bce, focal, asl, ldam, ldam_drw, logit_adjusted_bce"):
         make_loss('ce', counts)
-    with pytest.raises(TypeError, match=r"loss 'ldam' does not take \['gamma'\]; it takes: max_m, s, weight, reduction"):
+    with pytest.raises(TypeError,
+                       match=r"loss 'ldam' does not take \['gamma'\]; it takes: max_m, s, weight, reduction"):
         make_loss('ldam', counts, gamma=2)
     with pytest.raises(ValueError, match="loss 'asl' with DRW needs the per-class training counts"):
         make_loss('asl', drw_start_epoch=4)
@@ -418,14 +425,146 @@ def test_make_loss_errors_list_what_is_valid(counts):
     assert make_loss('ldam', counts, max_m=0.3).margins.max().item() == pytest.approx(0.3)
 
 
+# ---------------------------------------------------------------- what each loss declares, and the registry
+DECLARATIONS = {  # name: (needs_counts, needs_n_images, preferred_head, deferred_reweighting)
+    'bce': (False, False, 'linear', False),
+    'focal': (False, False, 'linear', False),
+    'asl': (False, False, 'linear', False),
+    'ldam': (True, False, 'normed', False),
+    'ldam_drw': (True, False, 'normed', True),
+    'logit_adjusted_bce': (True, True, 'linear', False),
+    'negative_tolerant_bce': (True, True, 'linear', False),
+}
+
+
+def test_every_loss_declares_what_it_needs_and_prefers():
+    assert list(LOSSES) == list(DECLARATIONS)
+    for name, cls in LOSSES.items():
+        got = (cls.needs_counts, cls.needs_n_images, cls.preferred_head, cls.deferred_reweighting)
+        assert got == DECLARATIONS[name], name
+        assert cls.name == name and loss_class(name) is cls and issubclass(cls, MultiLabelLoss)
+    assert LOSSES['ldam_drw'] is LDAMDRWLoss and issubclass(LDAMDRWLoss, LDAMLoss)
+    with pytest.raises(ValueError, match="unknown loss 'ce'; valid losses: bce, focal, asl, ldam, ldam_drw"):
+        loss_class('ce')
+
+
+def test_make_loss_equals_the_class_built_directly(rng, counts):
+    z, y = batch(rng)
+    built = make_loss('logit_adjusted_bce', counts, n_images=N_IMAGES, tau=0.5, adjustment='log_prior')
+    direct = LogitAdjustedBCE(counts, n_images=N_IMAGES, tau=0.5, adjustment='log_prior')
+    assert type(built) is LogitAdjustedBCE and torch.equal(built.adjustments, direct.adjustments)
+    assert built(t(z), t(y)).item() == direct(t(z), t(y)).item()
+    built = make_loss('negative_tolerant_bce', counts, n_images=N_IMAGES, neg_scale=3.0)
+    assert torch.equal(built.bias, NegativeTolerantBCE(counts, N_IMAGES, neg_scale=3.0).bias)
+    assert torch.equal(make_loss('ldam', counts, n_images=N_IMAGES).margins, LDAMLoss(counts).margins)
+    # counts and n_images go only to the losses that declare them
+    assert type(make_loss('asl', counts, n_images=N_IMAGES)) is AsymmetricLoss
+    assert make_loss('bce', counts, n_images=N_IMAGES).weight is None
+
+
+def test_make_loss_names_what_a_loss_needs(counts):
+    with pytest.raises(ValueError, match="loss 'logit_adjusted_bce' needs n_images, the number of training images"):
+        make_loss('logit_adjusted_bce', counts)
+    with pytest.raises(ValueError, match="loss 'negative_tolerant_bce' needs the per-class training counts"):
+        make_loss('negative_tolerant_bce', n_images=N_IMAGES)
+    with pytest.raises(ValueError, match="loss 'ldam_drw' needs drw_start_epoch"):
+        make_loss('ldam_drw', counts)
+    with pytest.raises(TypeError, match=r"loss 'logit_adjusted_bce' does not take \['cls_num_list'\]; "
+                                        r"it takes: tau, adjustment, weight, reduction"):
+        make_loss('logit_adjusted_bce', counts, n_images=N_IMAGES, cls_num_list=counts)
+
+
+def test_logit_scale_gives_the_probabilities(rng, counts):
+    z = rng.normal(0, 1, (B, C))
+    ldam = LDAMLoss(counts, s=16)
+    assert ldam.logit_scale == 16
+    np.testing.assert_allclose(ldam.probabilities(t(z)).double().numpy(), 1 / (1 + np.exp(-16 * z)),
+                               rtol=0, atol=1e-6)
+    for name in LOSSES:
+        loss = _build(name, counts, drw_start_epoch=1)
+        k = 30.0 if name.startswith('ldam') else 1.0
+        assert loss.logit_scale == k, name
+        p = loss.probabilities(t(z))
+        assert p.dtype == torch.float32, name   # as the predictions files store them, whatever the logits' dtype
+        np.testing.assert_allclose(p.double().numpy(), 1 / (1 + np.exp(-k * z)), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_drw_forwards_the_declarations(counts):
+    drw = make_loss('ldam_drw', counts, drw_start_epoch=2, s=16)
+    assert (drw.logit_scale, drw.preferred_head) == (16.0, 'normed')
+    drw = make_loss('asl', counts, drw_start_epoch=2)
+    assert (drw.logit_scale, drw.preferred_head) == (1.0, 'linear')
+
+
+def test_registration_checks_names_and_declarations(monkeypatch):
+    monkeypatch.setattr(cxrlt.losses, 'LOSSES', dict(LOSSES))
+    with pytest.raises(ValueError,
+                       match="loss name 'bce' is already registered to cxrlt.losses.BCELoss; give OtherBCE"):
+        class OtherBCE(BCELoss, name='bce'): pass
+    with pytest.raises(TypeError, match="NoCounts declares needs_counts = True but its constructor takes no 'counts'"):
+        class NoCounts(MultiLabelLoss, name='no_counts'): needs_counts = True
+    with pytest.raises(ValueError, match="Cosine.preferred_head must be 'linear' or 'normed', got 'cosine'"):
+        class Cosine(MultiLabelLoss, name='cosine'): preferred_head = 'cosine'
+
+    class Unregistered(BCELoss): pass
+    assert Unregistered.name is None
+    assert list(cxrlt.losses.LOSSES) == list(DECLARATIONS)
+
+
+def test_without_drw_names_the_loss_a_drw_loss_derives_from(monkeypatch):
+    expected = {'ldam_drw': 'ldam'}   # every other registered loss is its own
+    for name in DECLARATIONS:
+        got = without_drw(name)
+        assert got == expected.get(name, name), name
+        assert not LOSSES[got].deferred_reweighting and issubclass(LOSSES[name], LOSSES[got]), name
+    assert make_loss(without_drw('ldam_drw'), [5, 50]).__class__ is LDAMLoss   # usable without drw_start_epoch
+    monkeypatch.setattr(cxrlt.losses, 'LOSSES', dict(LOSSES))
+    class FocalDRW(FocalLoss, name='focal_drw'): deferred_reweighting = True
+    class Unnamed(FocalDRW): pass              # not registered: skipped
+    class FocalDRW2(Unnamed, name='focal_drw2'): pass   # its registered parent focal_drw declares DRW: skipped too
+    assert (without_drw('focal_drw'), without_drw('focal_drw2')) == ('focal', 'focal')
+    class OnlyDRW(MultiLabelLoss, name='only_drw'): deferred_reweighting = True
+    with pytest.raises(ValueError, match="loss 'only_drw' declares deferred_reweighting but no registered loss class "
+                                         "it derives from works without it; derive OnlyDRW from a registered loss"):
+        without_drw('only_drw')
+    with pytest.raises(ValueError, match="unknown loss 'ldam_dwr'; valid losses: bce"):
+        without_drw('ldam_dwr')
+
+
+def test_recipe_add_a_loss(monkeypatch, rng, counts):
+    "Recipe: a loss is one class. Subclass MultiLabelLoss with name=, declare what it needs, write _elementwise."
+    registry = cxrlt.losses.LOSSES
+    monkeypatch.setattr(cxrlt.losses, 'LOSSES', dict(registry))   # a registry of this test only
+
+    class CountWeightedBCE(MultiLabelLoss, name='count_weighted_bce'):
+        "BCE whose positive term of class j is weighted by 1/n_j (an example, not a recommendation)."
+        needs_counts = True
+
+        def __init__(self, counts, weight=None, reduction='mean'):
+            super().__init__(weight, reduction)
+            self.register_buffer('pos_weight', torch.tensor(1 / class_counts(counts)))
+
+        def _elementwise(self, x, y):
+            return F.binary_cross_entropy_with_logits(x, y, pos_weight=self.pos_weight.to(x.dtype), reduction='none')
+
+    loss = make_loss('count_weighted_bce', counts)
+    assert type(loss) is CountWeightedBCE and loss.name == 'count_weighted_bce'
+    z, y = batch(rng)
+    ref = elementwise(ref_bce, z, y, per_class=lambda j: {'pos_weight': 1 / counts[j]}).mean()
+    np.testing.assert_allclose(loss(t(z), t(y)).item(), ref, rtol=1e-10)
+    assert 'count_weighted_bce' not in registry
+
+
 # ---------------------------------------------------------------- numerical safety
 @pytest.mark.parametrize('name', list(LOSSES))
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float16, torch.bfloat16])
 def test_finite_loss_and_gradients_at_extreme_logits(counts, name, dtype):
-    z = torch.tensor([[100.0, -100.0] * (C // 2), [-100.0, 100.0] * (C // 2), [0.0] * C], dtype=dtype, requires_grad=True)
+    z = torch.tensor([[100.0, -100.0] * (C // 2), [-100.0, 100.0] * (C // 2), [0.0] * C], dtype=dtype,
+                     requires_grad=True)
     y = torch.tensor([[1.0] * C, [1.0, 0.0] * (C // 2), [0.0] * C])
     kw = {'drw_start_epoch': 0}
-    for extra in ({}, {'gamma': 0.3} if name == 'focal' else {'gamma_neg': 0.3, 'gamma_pos': 0.2} if name == 'asl' else {}):
+    focusing = {'focal': {'gamma': 0.3}, 'asl': {'gamma_neg': 0.3, 'gamma_pos': 0.2}}.get(name, {})
+    for extra in ({}, focusing):
         for reduction in ('mean', 'sum', 'none'):
             z.grad = None
             loss = _build(name, counts, reduction=reduction, **kw, **extra)(z, y)

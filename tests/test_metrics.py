@@ -98,7 +98,8 @@ def test_evaluate_macro_means_equal_sklearn():
     ev = evaluate(pd.DataFrame(y, columns=CLASSES), pd.DataFrame(p, columns=CLASSES), thresholds=th)
     keep = y.sum(0) > 0
     both = keep & (y.sum(0) < len(y))
-    assert abs(ev.summary['mAP'] - np.mean([average_precision_score(y[:, c], p[:, c]) for c in np.flatnonzero(keep)])) < TOL
+    expected_map = np.mean([average_precision_score(y[:, c], p[:, c]) for c in np.flatnonzero(keep)])
+    assert abs(ev.summary['mAP'] - expected_map) < TOL
     assert abs(ev.summary['mAUC'] - roc_auc_score(y[:, both], p[:, both], average='macro')) < TOL
     pred = (p >= np.array(list(th.values()))).astype(int)
     assert abs(ev.summary['mF1'] - f1_score(y[:, keep], pred[:, keep], average='macro')) < TOL
@@ -225,7 +226,8 @@ def test_patient_bootstrap_widens_interval_for_duplicated_images():
     assert pat.attrs['unit'] == 'patient' and img.attrs['unit'] == 'image'
     for ci in (img, pat):
         assert (ci['low'] <= ci['estimate']).all() and (ci['estimate'] <= ci['high']).all()
-    assert abs(pat.loc['mAP', 'estimate'] - np.mean([average_precision_score(y1[:, c], p1[:, c]) for c in range(4)])) < TOL
+    expected_map = np.mean([average_precision_score(y1[:, c], p1[:, c]) for c in range(4)])
+    assert abs(pat.loc['mAP', 'estimate'] - expected_map) < TOL
 
 
 def test_evaluate_with_bootstrap_reports_intervals():
@@ -267,7 +269,8 @@ def test_paired_bootstrap_difference_per_replicate_equals_sklearn():
     diffs = []
     for cnt in bootstrap_weights(len(y), None, 5, 9):
         rows = np.repeat(np.arange(len(y)), cnt)
-        diffs.append(np.mean([average_precision_score(y[rows, c], a[rows, c]) - average_precision_score(y[rows, c], b[rows, c]) for c in range(3)]))
+        diffs.append(np.mean([average_precision_score(y[rows, c], a[rows, c])
+                              - average_precision_score(y[rows, c], b[rows, c]) for c in range(3)]))
     assert abs(r['low'] - np.quantile(diffs, 0.25)) < TOL and abs(r['high'] - np.quantile(diffs, 0.75)) < TOL
 
 
@@ -294,6 +297,7 @@ def test_evaluation_save(tmp_path):
     y, p = make_data(16, n=100, prevalence=np.full(30, 0.3))
     y[:, 5] = 0
     ev = evaluate(y, p, groups=class_groups(np.geomspace(30_000, 50, 30).astype(int), n_images=143_000))
+    assert isinstance(ev, Evaluation)
     out = ev.save(tmp_path / 'val', params={'run': 'bce_resnet50', 'split': 'val'})
     m = json.loads((out / 'metrics.json').read_text())
     assert m['params'] == {'run': 'bce_resnet50', 'split': 'val'} and m['excluded_classes'] == ['atelectasis']
@@ -341,5 +345,5 @@ def test_challenge_sized_split_timing(capsys):
     np.testing.assert_allclose(ev.per_class.AUC, sk_auc, atol=TOL)
     assert len(reps) == 5
     with capsys.disabled():
-        print(f'\n143,000 x 30: evaluate {t_eval:.2f} s (AP, AUC, F1, ECE, per-class ECE); scikit-learn AP+AUC loop {t_sk:.2f} s; '
-              f'bootstrap 5 replicates {t_boot:.2f} s (incl. one-off ranking)')
+        print(f'\n143,000 x 30: evaluate {t_eval:.2f} s (AP, AUC, F1, ECE, per-class ECE); '
+              f'scikit-learn AP+AUC loop {t_sk:.2f} s; bootstrap 5 replicates {t_boot:.2f} s (incl. one-off ranking)')

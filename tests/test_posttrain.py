@@ -1,4 +1,5 @@
-"Post-training on a real (tiny) run: feature cache, cRT, TTA, calibration, thresholds, ensembles, and every refusal of `cxrlt submit`."
+"""Post-training on a real (tiny) run: feature cache, cRT, TTA, calibration, thresholds, ensembles, and every refusal
+of `cxrlt submit`."""
 import json, logging, shutil, warnings, zipfile
 from pathlib import Path
 
@@ -11,9 +12,15 @@ from sklearn.metrics import average_precision_score
 import cxrlt.cli
 import cxrlt.models
 import cxrlt.posttrain as pt
+import cxrlt.posttrain.retrain
+import cxrlt.posttrain.submit
+import cxrlt.run
 import cxrlt.train
 from conftest import tiny_challenge
+from cxrlt.core import load_checkpoint, logger
 from cxrlt.labels import CLASSES
+from cxrlt.posttrain.predictions import _row_keys
+from cxrlt.run import Run
 
 torch.set_num_threads(1)   # small tensors on a shared CPU: one thread is much faster
 
@@ -25,31 +32,32 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def run(tiny):
-    from cxrlt.images import AugmentConfig
-    cfg = cxrlt.train.TrainConfig(train_csv=tiny/'train.csv', train_cache=tiny/'cache', test_csv=tiny/'test.csv', test_cache=tiny/'cache',
-                                  test_labels_csv=tiny/'test_labels.csv', out_dir=tiny/'runs', backbone='resnet10t', epochs=2,
-                                  batch_size=16, lr=3e-3, progress=False, deterministic=True, val_fraction=0.25,
+    from cxrlt.datasets import AugmentConfig
+    cfg = cxrlt.train.TrainConfig(train_csv=tiny/'train.csv', train_cache=tiny/'cache', test_csv=tiny/'test.csv',
+                                  test_cache=tiny/'cache', test_labels_csv=tiny/'test_labels.csv', out_dir=tiny/'runs',
+                                  backbone='resnet10t', epochs=2, batch_size=16, lr=3e-3, progress=False,
+                                  deterministic=True, val_fraction=0.25,
                                   augment=AugmentConfig(degrees=0, translate=0, scale=(1, 1)))
-    level = pt.logger.level
-    pt.logger.setLevel(logging.ERROR)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         run_dir = Path(cxrlt.train.fit(cfg)['run_dir'])
     yield run_dir
-    pt.logger.setLevel(level)
+    logger.setLevel(level)
 
 
 # --- feature cache and cRT -------------------------------------------------------------------------------------
 
 def test_feature_cache_matches_the_backbone_and_is_built_once(run, monkeypatch):
     folder = pt.feature_cache(run, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == ['features.json', 'index.csv', 'test.npy', 'test_labels.npy', 'train.npy',
-                                                        'train_labels.npy', 'val.npy', 'val_labels.npy']
+    assert sorted(p.name for p in folder.iterdir()) == ['features.json', 'index.csv', 'test.npy', 'test_labels.npy',
+                                                        'train.npy', 'train_labels.npy', 'val.npy', 'val_labels.npy']
     assert not (run/'features.partial').exists()
     meta = json.loads((folder/'features.json').read_text())
     assert meta['status'] == 'complete' and meta['fingerprint']['sha256'] == pt.file_sha256(run/'best.pt')
     # the cached features are the best model's pooled features, image by image, in the dataset's order
-    model, data = cxrlt.train.load_best_model(run), cxrlt.train.run_datasets(run)
+    model, data = Run(run).best_model(), Run(run).datasets()
     for split in ('train', 'val', 'test'):
         f = pt.load_features(run, split)
         assert f['image_ids'] == data[split]['table'].ImageID.tolist()
@@ -58,8 +66,9 @@ def test_feature_cache_matches_the_backbone_and_is_built_once(run, monkeypatch):
             x = data[split]['dataset'][i][0]
             with torch.no_grad(): ref = cxrlt.models.forward_features(model, x[None]).numpy()[0]
             np.testing.assert_allclose(f['features'][i], ref, atol=1e-5)
-    # a second call finds the cache and does not run the model
-    monkeypatch.setattr(pt, 'extract_features', lambda *a, **k: pytest.fail('the backbone ran again'))
+    # a second call finds the cache and does not run the model (feature_cache looks extract_features up in its module)
+    monkeypatch.setattr(cxrlt.posttrain.retrain, 'extract_features',
+                        lambda *a, **k: pytest.fail('the backbone ran again'))
     assert pt.feature_cache(run, progress=False) == folder
 
 
@@ -71,11 +80,12 @@ def test_feature_cache_resumes_and_follows_the_checkpoint(run, tmp_path, monkeyp
         calls.append(desc)
         if desc == 'features val': raise KeyboardInterrupt
         return real(model, dataset, *a, desc=desc, **k)
-    monkeypatch.setattr(pt, 'extract_features', interrupted)
+    monkeypatch.setattr(cxrlt.posttrain.retrain, 'extract_features', interrupted)
     with pytest.raises(KeyboardInterrupt): pt.feature_cache(copy, progress=False)
     assert not (copy/'features').exists() and (copy/'features.partial'/'train.npy').exists()
     with pytest.raises(FileNotFoundError, match='has no feature cache'): pt.load_features(copy, 'train')
-    monkeypatch.setattr(pt, 'extract_features', lambda m, d, *a, desc='', **k: calls.append(desc) or real(m, d, *a, desc=desc, **k))
+    monkeypatch.setattr(cxrlt.posttrain.retrain, 'extract_features',
+                        lambda m, d, *a, desc='', **k: calls.append(desc) or real(m, d, *a, desc=desc, **k))
     pt.feature_cache(copy, progress=False)
     assert calls == ['features train', 'features val', 'features val', 'features test']   # train was not computed again
     # a new best.pt makes the cache stale: loading refuses it, building replaces it
@@ -92,22 +102,69 @@ def test_crt_never_runs_the_backbone_and_its_model_agrees(run, monkeypatch):
     pt.feature_cache(run, progress=False)
     def no_backbone(*a, **k): raise AssertionError('cRT ran the backbone')
     monkeypatch.setattr(cxrlt.models, 'forward_features', no_backbone)
-    monkeypatch.setattr(cxrlt.train, 'load_best_model', no_backbone)
-    monkeypatch.setattr(cxrlt.train, 'run_datasets', no_backbone)
+    monkeypatch.setattr(cxrlt.run.Run, 'best_model', no_backbone)
+    monkeypatch.setattr(cxrlt.run.Run, 'datasets', no_backbone)
     r = pt.crt(run, epochs=4, progress=False)
     monkeypatch.undo()
     out = pt.read_predictions(r['out'])
     runs = pt.read_predictions(run/'predictions.csv')
     assert list(out.columns) == list(runs.columns)
-    assert sorted(pt._row_keys(out)) == sorted(pt._row_keys(runs))
+    assert sorted(_row_keys(out)) == sorted(_row_keys(runs))
     assert set(r) >= {'val', 'test', 'history'} and len(r['history']) == 4
     # the re-trained classifier on the backbone gives the logits cRT computed from the cached features
     model = pt.load_crt_model(run, r['classifier'])
-    data = cxrlt.train.run_datasets(run)
+    data = Run(run).datasets()
     x = torch.stack([data['test']['dataset'][i][0] for i in range(3)])
     with torch.no_grad(): z = model(x).double().numpy()
-    rows = out[out.split == 'test'].set_index('ImageID').loc[data['test']['table'].ImageID[:3], pt.LOGIT_COLUMNS].to_numpy()
+    test = out[out.split == 'test'].set_index('ImageID')
+    rows = test.loc[data['test']['table'].ImageID[:3], pt.LOGIT_COLUMNS].to_numpy()
     np.testing.assert_allclose(z, rows, atol=1e-4)
+
+
+def test_crt_builds_count_and_image_based_losses_and_ldams_scale(run):
+    "Losses that need the counts and the number of training images get both, as in `fit`: no loss_kwargs needed."
+    for loss in ('logit_adjusted_bce', 'negative_tolerant_bce'):
+        r = pt.crt(run, loss=loss, epochs=1, progress=False, out=run/'posttrain'/f'crt-{loss}.csv')
+        params = json.loads(Path(r['out']).with_suffix('.json').read_text())['params']
+        assert (params['loss'], params['loss_kwargs']) == (loss, {})
+        assert load_checkpoint(r['classifier'])['log_odds_scale'] == 1.0
+    # a cosine head with LDAM: outputs are cosines, log-odds are s = 30 times them (the loss's logit_scale)
+    r = pt.crt(run, head='normed', loss='ldam', epochs=1, progress=False, out=run/'posttrain'/'crt-ldam.csv')
+    assert load_checkpoint(r['classifier'])['log_odds_scale'] == 30.0
+    model, data = pt.load_crt_model(run, r['classifier']), Run(run).datasets()
+    x = torch.stack([data['val']['dataset'][i][0] for i in range(2)])
+    with torch.no_grad(): cosines = model(x).double().numpy()
+    assert np.abs(cosines).max() <= 1 + 1e-6
+    f = pt.read_predictions(r['out'])
+    rows = f[f.split == 'val'].set_index('ImageID').loc[data['val']['table'].ImageID[:2], pt.LOGIT_COLUMNS]
+    np.testing.assert_allclose(rows.to_numpy(), 30 * cosines, atol=1e-3)
+
+
+def test_crt_tta_averages_the_flip_through_the_crt_model(run):
+    r = pt.crt(run, epochs=2, progress=False, out=run/'posttrain'/'crt-for-tta.csv')
+    out = pt.crt_tta_predictions(run, Path(r['out']), run/'posttrain'/'crt-tta.csv')
+    assert out == run/'posttrain'/'crt-tta.csv'
+    f = pt.read_predictions(out)
+    assert sorted(_row_keys(f)) == sorted(_row_keys(pt.read_predictions(run/'predictions.csv')))
+    params = json.loads(out.with_suffix('.json').read_text())['params']
+    assert params == {'step': 'cRT+TTA', 'run': str(run), 'views': ['identity', 'hflip']}
+    # each row: the mean of the probabilities of the image and of its mirror through the cRT model (an independent pass)
+    model, data = pt.load_crt_model(run, Path(r['classifier'])), Run(run).datasets()
+    for split in ('val', 'test'):
+        x = torch.stack([data[split]['dataset'][i][0] for i in range(3)])
+        with torch.no_grad(): p = ((torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1)))) / 2).double().numpy()
+        rows = f[f.split == split].set_index('ImageID').loc[data[split]['table'].ImageID[:3], CLASSES].to_numpy()
+        np.testing.assert_allclose(rows, p, atol=1e-5)
+
+
+def test_the_package_gathers_its_modules():
+    import importlib, inspect
+    for module in ('calibration', 'ensembles', 'retrain'): importlib.import_module(f'cxrlt.posttrain.{module}')
+    for name in ('calibrate', 'ensemble', 'crt'):   # the functions, not the modules of the same idea
+        assert inspect.isfunction(getattr(pt, name)), name
+    module, name = cxrlt.cli.COMMANDS['submit'][0].split(':')
+    assert getattr(importlib.import_module(module), name) is cxrlt.posttrain.submit.submit_cli
+    for name in pt.__all__: assert hasattr(pt, name), name
 
 
 def _long_tail(n, seed, mu=None, C=8, D=16):
@@ -134,7 +191,7 @@ def test_crt_raises_tail_ap_on_a_long_tailed_feature_set(seed):
 def test_tta_identity_equals_the_runs_own_inference(run):
     r = pt.tta_predictions(run, ['identity'], out=run/'posttrain'/'tta-identity.csv', device='cpu', progress=False)
     tta, own = pt.read_predictions(r['out']), pt.read_predictions(run/'predictions.csv')
-    own = own.set_index(pt._row_keys(own)).loc[pt._row_keys(tta)]
+    own = own.set_index(_row_keys(own)).loc[_row_keys(tta)]
     np.testing.assert_allclose(tta[pt.LOGIT_COLUMNS].to_numpy(), own[pt.LOGIT_COLUMNS].to_numpy(), atol=1e-4)
     assert r['val']['after']['mAP'] == pytest.approx(r['val']['before']['mAP'], abs=1e-6)
 
@@ -156,7 +213,8 @@ def test_chain_of_post_training_files(run):
         assert 0 <= evaluate(pt.labels_for(labels, test.ImageID), test[CLASSES].to_numpy()).summary['mAP'] <= 1
     # thresholds move the decisions, not the ranking
     cal, thr = (pt.read_predictions(p) for p in (r_cal['out'], r_thr['out']))
-    assert np.array_equal(np.argsort(cal[CLASSES].to_numpy(), 0, kind='stable'), np.argsort(thr[CLASSES].to_numpy(), 0, kind='stable'))
+    order = lambda f: np.argsort(f[CLASSES].to_numpy(), 0, kind='stable')
+    assert np.array_equal(order(cal), order(thr))
 
 
 # --- cxrlt submit ----------------------------------------------------------------------------------------------
@@ -174,7 +232,8 @@ def test_submit_writes_a_valid_zip(run, tiny, tmp_path, monkeypatch, capsys):
     with zipfile.ZipFile(out) as z:
         names = z.namelist()
         sub = pd.read_csv(z.open('submission.csv'), dtype={'ImageID': str})
-        assert z.read('code/cxrlt/posttrain.py') == Path(pt.__file__).read_bytes()
+        for module in (pt, cxrlt.posttrain.submit):   # the package's sources, sub-modules included
+            assert z.read(f'code/cxrlt/posttrain/{Path(module.__file__).name}') == Path(module.__file__).read_bytes()
     assert names[0] == 'submission.csv' and 'code/settings.ini' in names
     assert not any('__pycache__' in n or n.endswith('.pyc') for n in names)
     assert list(sub.columns) == ['ImageID'] + CLASSES and sub.ImageID.tolist() == test_ids
@@ -190,7 +249,8 @@ def test_submit_ships_a_given_code_dir(run, tiny, tmp_path, monkeypatch):
     (code/'train.py').write_text('print(1)\n'); (code/'pkg'/'m.py').write_text('x = 1\n')
     (code/'pkg'/'__pycache__'/'m.cpython-311.pyc').write_bytes(b'\0'); (code/'.git'/'HEAD').write_text('ref\n')
     out = tmp_path/'sub.zip'
-    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv', '--out', out, '--code_dir', code) == 0
+    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv', '--out', out,
+                  '--code_dir', code) == 0
     with zipfile.ZipFile(out) as z: assert sorted(z.namelist()) == ['code/pkg/m.py', 'code/train.py', 'sub.csv']
 
 
@@ -210,14 +270,17 @@ REFUSALS = {
     'missing ImageIDs': (lambda f: f.drop(index=_test_rows(f)[:2]), '2 of the 24 test ImageIDs have no prediction'),
     'extra ImageIDs': (lambda f: pd.concat([f, f.iloc[_test_rows(f)[:1]].assign(ImageID='stranger.png')]),
                        "1 predicted ImageIDs are not in the test CSV (e.g. ['stranger.png'])"),
-    'duplicate ImageID': (lambda f: pd.concat([f, f.iloc[_test_rows(f)[:1]]]), "in split 'test'; every image must have one prediction"),
+    'duplicate ImageID': (lambda f: pd.concat([f, f.iloc[_test_rows(f)[:1]]]),
+                          "in split 'test'; every image must have one prediction"),
     'NaN': (_set('Mass', ''), "column 'Mass' holds an empty cell on line"),
     'NaN written as text': (_set('Mass', 'nan'), "column 'Mass' holds 'nan', which is not a finite number"),
     'not a number': (_set('Hernia', 'yes'), "column 'Hernia' holds 'yes', which is not a finite number"),
     'above 1': (_set('Normal', 1.2), "column 'Normal' holds 1.2 on line"),
     'below 0': (_set('Normal', -0.01), "column 'Normal' holds -0.01 on line"),
-    'a class column missing': (lambda f: f.drop(columns='Kyphosis'), "wrong columns: 29 of the 30 probability columns; missing ['Kyphosis']"),
-    'an unknown column': (lambda f: f.assign(confidence=1.0), "wrong columns: 30 of the 30 probability columns; unknown columns ['confidence']"),
+    'a class column missing': (lambda f: f.drop(columns='Kyphosis'),
+                               "wrong columns: 29 of the 30 probability columns; missing ['Kyphosis']"),
+    'an unknown column': (lambda f: f.assign(confidence=1.0),
+                          "wrong columns: 30 of the 30 probability columns; unknown columns ['confidence']"),
     'no test rows': (lambda f: f[f.split == 'val'], "has no rows with split 'test'"),
 }
 
@@ -225,7 +288,8 @@ REFUSALS = {
 def test_submit_refuses(case, run, tiny, tmp_path, monkeypatch, capsys):
     edit, message = REFUSALS[case]
     out = tmp_path/'submission.zip'
-    assert submit(monkeypatch, '--predictions', _edited(run, tmp_path, edit), '--test_csv', tiny/'test.csv', '--out', out) == 1
+    assert submit(monkeypatch, '--predictions', _edited(run, tmp_path, edit), '--test_csv', tiny/'test.csv',
+                  '--out', out) == 1
     err = capsys.readouterr().err
     assert err.startswith('cxrlt submit: refused: ') and message in err, err
     assert not out.exists() and not out.with_suffix('.json').exists()
@@ -235,14 +299,18 @@ def test_submit_refuses_bad_inputs(run, tiny, tmp_path, monkeypatch, capsys):
     out = tmp_path/'submission.zip'
     assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--out', out) == 2
     assert capsys.readouterr().err.strip() == 'cxrlt submit: --test_csv required'
-    (tmp_path/'test.csv').write_text('ImageID,StudyDate_DICOM,PatientID\ntst0000.png,20200101,1\ntst0000.png,20200101,1\n')
-    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tmp_path/'test.csv', '--out', out) == 1
+    (tmp_path/'test.csv').write_text('ImageID,StudyDate_DICOM,PatientID\n'
+                                     'tst0000.png,20200101,1\ntst0000.png,20200101,1\n')
+    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tmp_path/'test.csv',
+                  '--out', out) == 1
     assert "'tst0000.png' appears on lines 2, 3" in capsys.readouterr().err
     assert submit(monkeypatch, '--predictions', tmp_path/'none.csv', '--test_csv', tiny/'test.csv', '--out', out) == 1
     assert 'none.csv does not exist' in capsys.readouterr().err
-    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv', '--out', out, '--code_dir', tmp_path/'nowhere') == 1
+    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv', '--out', out,
+                  '--code_dir', tmp_path/'nowhere') == 1
     assert 'is not a folder' in capsys.readouterr().err
-    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv', '--out', tmp_path/'sub.tar') == 1
+    assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv',
+                  '--out', tmp_path/'sub.tar') == 1
     assert 'out must be a .zip file' in capsys.readouterr().err
     assert not out.exists()
 
@@ -251,6 +319,9 @@ def test_validate_submission_checks_a_finished_table(run, tiny):
     test_ids = pd.read_csv(tiny/'test.csv').ImageID.tolist()
     table = pt.submission_table(pt.read_predictions(run/'predictions.csv'), test_ids)
     pt.validate_submission(table, test_ids)
-    with pytest.raises(pt.SubmissionError, match='has 32 columns; a CXR-LT submission has 31'): pt.validate_submission(table.assign(x=0), test_ids)
-    with pytest.raises(pt.SubmissionError, match="column 1 is 'image_id'"): pt.validate_submission(table.rename(columns={'ImageID': 'image_id'}), test_ids)
-    with pytest.raises(pt.SubmissionError, match="holds nan"): pt.validate_submission(table.assign(Mass=np.nan), test_ids)
+    with pytest.raises(pt.SubmissionError, match='has 32 columns; a CXR-LT submission has 31'):
+        pt.validate_submission(table.assign(x=0), test_ids)
+    with pytest.raises(pt.SubmissionError, match="column 1 is 'image_id'"):
+        pt.validate_submission(table.rename(columns={'ImageID': 'image_id'}), test_ids)
+    with pytest.raises(pt.SubmissionError, match="holds nan"):
+        pt.validate_submission(table.assign(Mass=np.nan), test_ids)

@@ -11,14 +11,16 @@ BIN = Path(sys.executable).parent
 
 
 def cxrlt(*args, **kw):
-    return subprocess.run([str(BIN/'cxrlt'), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=900, **kw)
+    return subprocess.run([str(BIN/'cxrlt'), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=900,
+                          **kw)
 
 
 @pytest.fixture(scope='module')
 def smoke_table(tmp_path_factory):
     "Rows 1 (made to fail), 3 and 4 (cRT on 3) of the smoke preset."
     out = tmp_path_factory.mktemp('table')
-    r = cxrlt('table', '--preset', 'smoke', '--rows', '1,3,4', '--out', out, '--overrides', json.dumps({'1': {'loss_kwargs': {'no_such_option': 1}}}))
+    broken = json.dumps({'1': {'loss_kwargs': {'no_such_option': 1}}})
+    r = cxrlt('table', '--preset', 'smoke', '--rows', '1,3,4', '--out', out, '--overrides', broken)
     return out, r
 
 
@@ -58,7 +60,8 @@ def test_submitit_local_runs_dependent_rows(smoke_table, tmp_path):
 
 def repository_files() -> list:
     "`git status` of the checkout, ignored files included (byte-code caches aside)."
-    r = subprocess.run(['git', 'status', '--porcelain', '--ignored'], cwd=ROOT, capture_output=True, text=True, check=True)
+    r = subprocess.run(['git', 'status', '--porcelain', '--ignored'], cwd=ROOT, capture_output=True, text=True,
+                       check=True)
     return [line for line in r.stdout.splitlines() if '__pycache__' not in line]
 
 
@@ -80,3 +83,27 @@ def test_site_builds_offline(smoke_table, tmp_path):
     assert not re.findall(r'(?:src|href)="https?://(?:cdn|ajax|fonts)', html)
     assert 'results.html' in page.read_text()
     assert repository_files() == before, 'building the site into temporary folders changed the repository'
+
+
+def test_recipe_add_a_row(smoke_table, tmp_path, monkeypatch):
+    "CONTRIBUTING's recipe: one `register_row` line adds a row (here in a temporary registry) that `run_table` runs."
+    import shutil
+    from cxrlt import study
+    monkeypatch.setattr(study, 'ROWS', dict(study.ROWS))
+    study.register_row(18, 'ResNet-50', 'ldam_drw', post_training='cRT+TTA', base_rows=[3])
+    study.register_row(19, 'ResNet-50', 'asl', backbone='resnet50')
+    assert study.row_plan([18]) == [3, 18]
+    c = study.training_config(19, study.PRESETS['smoke'], {k: None for k in (
+        'train_csv', 'train_cache', 'removal_csv', 'test_csv', 'test_cache', 'test_labels_csv')}, tmp_path)
+    assert (c['backbone'], c['loss'], c['head'], c['drw_start_epoch']) == ('resnet10t', 'asl', 'linear', None)
+    table, _ = smoke_table
+    try:
+        s = study.run_table('smoke', [18], out=table, progress=False)
+        assert s['failed'] == [] and s['rows']['3']['status'] == 'skipped' and s['rows']['18']['status'] == 'done'
+        r18 = json.loads((table/'rows'/'row18'/'result.json').read_text())
+        r3 = json.loads((table/'rows'/'row03'/'result.json').read_text())
+        assert r18['run_dirs'] == r3['run_dirs'] and r18['post_training'] == 'cRT+TTA'
+        assert 18 in set(pd.read_csv(table/'results.csv').row)
+    finally:  # leave the shared table as the other tests expect it
+        shutil.rmtree(table/'rows'/'row18', ignore_errors=True)
+        study.collect_results(table)

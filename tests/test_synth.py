@@ -11,8 +11,10 @@ from scipy import stats
 import cxrlt.cli
 from cxrlt.labels import CLASSES
 from cxrlt import synth
-from cxrlt.synth import (PRESETS, TRAINING_CSV, TEST_CSV, TEST_LABELS_CSV, REMOVAL_CSV, COUNTS_CSV, MANIFEST_JSON, IMAGES_DIR,
-                         make_synthetic_cxrlt, read_padchest, render_radiograph, sample_padchest, write_dicom, write_png16)
+from cxrlt.data import IMAGES_DIR, REMOVAL_CSV, TEST_CSV, TEST_LABELS_CSV, TRAINING_CSV
+from cxrlt.synth import (COUNTS_CSV, MANIFEST_JSON, SYNTH_PRESETS, make_synthetic_cxrlt, read_padchest,
+                         render_radiograph, sample_padchest, write_dicom, write_png16)
+from cxrlt.synth.signs import _SIGNS
 
 
 @pytest.fixture(scope='module')
@@ -39,14 +41,15 @@ def test_same_seed_gives_identical_bytes(tiny):
     a, b = tiny
     files = _files(a)
     assert files == _files(b)
-    assert len([f for f in files if f.parts[0] == IMAGES_DIR]) == PRESETS['tiny']['n']
+    assert len([f for f in files if f.parts[0] == IMAGES_DIR]) == SYNTH_PRESETS['tiny']['n']
     _, mismatch, errors = filecmp.cmpfiles(a, b, [str(f) for f in files], shallow=False)
     assert mismatch == [] and errors == []
 
 
 def test_worker_count_and_seed(tmp_path, padchest):
     "One process gives the bytes that a pool gives; another seed gives other images."
-    kw = dict(n=80, size=48, min_positives=1, min_test_positives=0, min_removal=0, n_dicom=1, padchest=padchest, progress=False)
+    kw = dict(n=80, size=48, min_positives=1, min_test_positives=0, min_removal=0, n_dicom=1, padchest=padchest,
+              progress=False)
     make_synthetic_cxrlt(tmp_path/'one', workers=1, seed=2, **kw)
     make_synthetic_cxrlt(tmp_path/'two', workers=2, seed=2, **kw)
     make_synthetic_cxrlt(tmp_path/'other', workers=2, seed=3, **kw)
@@ -69,17 +72,17 @@ def test_files_are_the_challenges(tiny):
     assert manifest['status'] == 'complete' and manifest['params']['seed'] == 5
     counts = pd.read_csv(a/COUNTS_CSV)
     assert counts['padchest_images'].tolist()[CLASSES.index('Hydropneumothorax')] == 48
-    assert (counts['training'] >= PRESETS['tiny']['min_positives']).all()
+    assert (counts['training'] >= SYNTH_PRESETS['tiny']['min_positives']).all()
 
 
 def test_pngs_are_16_bit_and_dicoms_read(tiny):
     import pydicom
     a, _ = tiny
     pngs, dcms = sorted((a/IMAGES_DIR).rglob('*.png')), sorted((a/IMAGES_DIR).rglob('*.dcm'))
-    assert len(dcms) == PRESETS['tiny']['n_dicom'] and len(pngs) == PRESETS['tiny']['n'] - len(dcms)
+    assert len(dcms) == SYNTH_PRESETS['tiny']['n_dicom'] and len(pngs) == SYNTH_PRESETS['tiny']['n'] - len(dcms)
     for p in pngs[:20]:
         im = Image.open(p)
-        assert im.mode == 'I;16' and im.size[1] == PRESETS['tiny']['size']
+        assert im.mode == 'I;16' and im.size[1] == SYNTH_PRESETS['tiny']['size']
         assert np.asarray(im).max() > 4095  # the values use the 16-bit range, not 12 bits stored in 16
     for p in dcms:
         ds = pydicom.dcmread(p)
@@ -93,7 +96,7 @@ def test_csvs_pass_the_data_validators(tiny, padchest):
     from cxrlt.data import join_padchest, read_image_ids, read_removal_csv, read_test_csv, read_training_csv
     a, _ = tiny
     train = read_training_csv(a/TRAINING_CSV)
-    assert len(train) == PRESETS['tiny']['n'] - round(PRESETS['tiny']['n'] * 0.2)
+    assert len(train) == SYNTH_PRESETS['tiny']['n'] - round(SYNTH_PRESETS['tiny']['n'] * 0.2)
     assert list(train.columns[3:]) == CLASSES
     answers = read_training_csv(a/TEST_LABELS_CSV)
     test = read_test_csv(a/TEST_CSV)
@@ -106,7 +109,8 @@ def test_csvs_pass_the_data_validators(tiny, padchest):
     assert joined.attrs['padchest_join']['coarse_id_mismatches'] == 0
     true = padchest.set_index('ImageID').loc[train['ImageID']]
     assert joined['PadChestPatientID'].tolist() == true['PatientID'].tolist()
-    assert set(joined['PadChestPatientID']).isdisjoint(padchest.set_index('ImageID').reindex(test['ImageID'].str.replace('.dcm', '.png'))['PatientID'])
+    test_patients = padchest.set_index('ImageID').reindex(test['ImageID'].str.replace('.dcm', '.png'))['PatientID']
+    assert set(joined['PadChestPatientID']).isdisjoint(test_patients)
 
 
 def test_image_reader_sees_the_same_picture_in_png_and_dicom(tmp_path):
@@ -122,7 +126,7 @@ def test_image_reader_sees_the_same_picture_in_png_and_dicom(tmp_path):
 
 def test_demo_preset_has_every_class(padchest):
     "Sampling only: the demo preset gives every class its minimum of training and test positives."
-    p = PRESETS['demo']
+    p = SYNTH_PRESETS['demo']
     n_test = round(p['n'] * 0.2)
     s = sample_padchest(padchest, p['n'] - n_test, n_test, p['min_positives'], p['min_test_positives'], seed=0)
     train, test = s[s.split == 'train'], s[s.split == 'test']
@@ -157,26 +161,31 @@ def test_sign_changes_only_its_box(cls, projection):
         inside = np.zeros(diff.shape, bool)
         inside[y0:y1, x0:x1] = True
         assert diff[inside].max() > 0.01, f'{cls} ({projection}, index {index}) draws nothing visible'
-        if synth._SIGNS[cls][0] is None:  # drawn signs: outside the box at most blur and noise spill over
-            assert diff[~inside].mean() < 0.1 * diff[inside].mean(), f'{cls} ({projection}, index {index}) changes pixels outside its box'
+        if _SIGNS[cls][0] is None:  # drawn signs: outside the box at most blur and noise spill over
+            assert diff[~inside].mean() < 0.1 * diff[inside].mean(), \
+                f'{cls} ({projection}, index {index}) changes pixels outside its box'
 
 
 def _region_stat(cls, img):
-    "A pixel statistic of the sign's region, on the image standardised to mean 0, s.d. 1 (exposure varies between patients)."
+    "A pixel statistic of the sign's region, on the image standardised to mean 0, s.d. 1 (exposure varies by patient)."
     h, w = img.shape
     z = (img - img.mean()) / img.std()
-    if cls == 'cardiomegaly':  # share of a lower-chest row band brighter than halfway from lung to soft tissue: a cardiothoracic ratio
+    if cls == 'cardiomegaly':
+        # share of a lower-chest row band brighter than halfway from lung to soft tissue: a cardiothoracic ratio
         band = z[int(0.55 * h):int(0.65 * h)]
         profile = band[:, int(0.2 * w):int(0.8 * w)].mean(0)
         return (profile > (np.percentile(profile, 10) + np.percentile(band, 95)) / 2).mean()
-    if cls == 'sternotomy': return np.percentile(z[int(0.2 * h):int(0.55 * h), int(0.46 * w):int(0.54 * w)], 99)  # wires over the sternum
+    if cls == 'sternotomy':  # wires over the sternum
+        return np.percentile(z[int(0.2 * h):int(0.55 * h), int(0.46 * w):int(0.54 * w)], 99)
     if cls == 'Emphysema': return z[int(0.15 * h):int(0.45 * h), int(0.15 * w):int(0.85 * w)].mean()  # upper zones
-    if cls == 'hyperinflated lung': return z[int(0.7 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)].mean()  # below the usual diaphragm
+    if cls == 'hyperinflated lung':  # below the usual diaphragm
+        return z[int(0.7 * h):int(0.85 * h), int(0.15 * w):int(0.85 * w)].mean()
 
 
-@pytest.mark.parametrize('cls, direction', [('cardiomegaly', 1), ('sternotomy', 1), ('Emphysema', -1), ('hyperinflated lung', -1)])
+@pytest.mark.parametrize('cls, direction',
+                         [('cardiomegaly', 1), ('sternotomy', 1), ('Emphysema', -1), ('hyperinflated lung', -1)])
 def test_sign_region_differs_between_patients_with_and_without(cls, direction):
-    "24 patients with the label against 24 others without it: the region's statistic differs (Welch's t-test, p < 0.01)."
+    "24 patients with the label against 24 without it: the region's statistic differs (Welch's t-test, p < 0.01)."
     pos = [_region_stat(cls, render_radiograph([cls], 'PA', seed=21, index=i, size=128)[0]) for i in range(24)]
     neg = [_region_stat(cls, render_radiograph([], 'PA', seed=22, index=i, size=128)[0]) for i in range(24)]
     t, p = stats.ttest_ind(pos, neg, equal_var=False)
@@ -184,7 +193,8 @@ def test_sign_region_differs_between_patients_with_and_without(cls, direction):
 
 
 def test_resume_draws_only_missing_images(tmp_path, padchest):
-    kw = dict(n=80, size=48, min_positives=1, min_test_positives=0, min_removal=0, n_dicom=1, padchest=padchest, progress=False, workers=1)
+    kw = dict(n=80, size=48, min_positives=1, min_test_positives=0, min_removal=0, n_dicom=1, padchest=padchest,
+              progress=False, workers=1)
     make_synthetic_cxrlt(tmp_path, **kw)
     images = sorted((tmp_path/IMAGES_DIR).rglob('*.*'))
     before = {p: p.read_bytes() for p in images}
@@ -200,4 +210,5 @@ def test_cli_options(monkeypatch):
     helptext = parser.format_help()
     for opt in ('--preset', '--out', '--n', '--size', '--seed'): assert opt in helptext
     with pytest.raises(ValueError, match='--out is required'): cxrlt.cli.main(['synth', '--preset', 'tiny'])
-    with pytest.raises(ValueError, match="preset must be one of"): cxrlt.cli.main(['synth', '--preset', 'big', '--out', 'x'])
+    with pytest.raises(ValueError, match="preset must be one of"):
+        cxrlt.cli.main(['synth', '--preset', 'big', '--out', 'x'])

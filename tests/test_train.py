@@ -1,4 +1,4 @@
-"Training runs as users start them: `cxrlt train` in a subprocess, killed and resumed, and under torchrun with 2 processes."
+"Training runs as users start them: `cxrlt train` in a subprocess, killed and resumed, under torchrun with 2 processes."
 import json, os, signal, subprocess, sys, time
 from pathlib import Path
 
@@ -82,9 +82,10 @@ def test_kill_and_resume_is_bit_identical(tiny, reference):
 
 
 def test_two_processes_match_one(tiny):
-    "torchrun with 2 gloo processes, batch 8 each, equals 1 process with batch 16 (LayerNorm backbone, no augmentation)."
+    "torchrun with 2 gloo processes, batch 8 each, equals 1 process with batch 16 (LayerNorm backbone, no augmenting)."
     common = dict(backbone='convnext_atto', epochs=2, lr=0.002,
-                  augment={'hflip': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': [1.0, 1.0], 'brightness': 0.0, 'contrast': 0.0})
+                  augment={'hflip': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': [1.0, 1.0], 'brightness': 0.0,
+                           'contrast': 0.0})
     r1 = train(write_config(tiny, tiny/'one', **common))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = train(write_config(tiny, tiny/'two', **common),
@@ -126,10 +127,11 @@ def test_the_ema_weights_are_what_is_kept(tiny, tmp_path):
 
 
 def test_options_of_a_long_run(tiny, tmp_path):
-    "EMA, gradient clipping, accumulation, class-aware sampling, LDAM-DRW with a cosine head and early stopping in one run."
+    "EMA, gradient clipping, accumulation, class-aware sampling, LDAM-DRW with a cosine head, early stopping at once."
     from cxrlt.core import load_checkpoint
-    r = train(write_config(tiny, tmp_path/'opts', epochs=6, ema_decay=0.5, grad_clip=1.0, accum_steps=2, sampler='class_aware',
-                           loss='ldam', head='normed', drw_start_epoch=2, patience=1, warmup_epochs=0.5, lr=0.01))
+    r = train(write_config(tiny, tmp_path/'opts', epochs=6, ema_decay=0.5, grad_clip=1.0, accum_steps=2,
+                           sampler='class_aware', loss='ldam', head='normed', drw_start_epoch=2, patience=1,
+                           warmup_epochs=0.5, lr=0.01))
     assert r.returncode == 0, r.stderr[-3000:]
     run = tmp_path/'opts'/'row'
     h = pd.read_csv(run/'history.csv')
@@ -141,4 +143,5 @@ def test_options_of_a_long_run(tiny, tmp_path):
     assert set(last['ema']) == set(last['model'])
     p = pd.read_csv(run/'predictions.csv')
     s = 30.0  # LDAM's scale: probabilities are sigmoid(s * cosine logits)
-    assert np.allclose(p[CLASSES].to_numpy(), 1 / (1 + np.exp(-s * p[[f'logit:{c}' for c in CLASSES]].to_numpy())), atol=1e-6)
+    logits = p[[f'logit:{c}' for c in CLASSES]].to_numpy()
+    assert np.allclose(p[CLASSES].to_numpy(), 1 / (1 + np.exp(-s * logits)), atol=1e-6)
