@@ -347,6 +347,12 @@ def _add_group_means(table:pd.DataFrame, summary:dict, groups):
         summary.update({f'{name}_mAP': _mean(ap[m]), f'{name}_mAUC': _mean(auc[m]), f'{name}_mF1': _mean(f1[m]),
                         f'{name}_n_classes_scored': int((m & ~excluded).sum())})
 
+# %% ../nbs/06_metrics.ipynb #98bcbcb5
+def _check_lost_policy(lost_classes:str):
+    "Raise unless `lost_classes` names a policy for replicates that lost every positive of a class."
+    if lost_classes not in ('exclude', 'drop'):
+        raise ValueError(f"lost_classes must be 'exclude' or 'drop', got {lost_classes!r}")
+
 # %% ../nbs/06_metrics.ipynb #a3019183
 def evaluate(y_true, # labels, samples × classes, 0/1 (array or DataFrame with class columns)
              y_prob, # probabilities, samples × classes, in [0, 1]
@@ -358,8 +364,10 @@ def evaluate(y_true, # labels, samples × classes, 0/1 (array or DataFrame with 
              n_bootstrap:int=0, # bootstrap replicates for 95 % intervals of the macro metrics (0: none)
              level:float=0.95, # coverage of the bootstrap intervals
              seed:int=0, # seed of the bootstrap resampling
+             lost_classes:str='exclude', # replicates that drew no positive of a class (see `bootstrap_ci`)
             ) -> Evaluation:
     "Per-class AP, AUC, F1, ECE and their macro and group means; classes without positives are excluded and named."
+    _check_lost_policy(lost_classes)
     t, p, names = check_predictions(y_true, y_prob, classes)
     th = class_thresholds(thresholds, names)
     sums = _calibration_sums(t, p, n_bins)
@@ -367,7 +375,9 @@ def evaluate(y_true, # labels, samples × classes, 0/1 (array or DataFrame with 
     summary = _macro_summary(table, _ece(*(a.sum(0) for a in sums)), len(t))
     if groups is not None: _add_group_means(table, summary, groups)
     if patient_ids is not None: summary['n_patients'] = int(len(_patient_codes(patient_ids, len(t))[1]))
-    if n_bootstrap: summary.update(_bootstrap_summary(t, p, th, patient_ids, n_bootstrap, level, seed, n_bins))
+    if n_bootstrap:
+        how = dict(patient_ids=patient_ids, n_bootstrap=n_bootstrap, level=level, seed=seed, n_bins=n_bins)
+        summary.update(_bootstrap_summary(t, p, th, names, lost_classes=lost_classes, **how))
     return Evaluation(table, summary)
 
 # %% ../nbs/06_metrics.ipynb #056710f1
@@ -407,6 +417,14 @@ def _sample_bin_sums(t:np.ndarray, p:np.ndarray, n_bins:int) -> tuple:
     pos = np.bincount(b, t.ravel().astype(np.float64), n * n_bins).reshape(n, n_bins)
     return count, prob, pos
 
+# %% ../nbs/06_metrics.ipynb #9f0f09bb
+def _macro(scores:tuple, # per-class AP, AUC, F1 and the pooled ECE (`_MacroScorer.per_class`)
+           keep:np.ndarray, # classes (bool) the macro means average over
+          ) -> dict:
+    "mAP, mAUC and mF1 over the classes in `keep` (mAUC also skips those without negatives), and the ECE."
+    ap, auc, f1, ece = scores
+    return {'mAP': _mean(ap[keep]), 'mAUC': _mean(auc[keep]), 'mF1': _mean(f1[keep]), 'ECE': ece}
+
 # %% ../nbs/06_metrics.ipynb #51dc6612
 class _MacroScorer:
     "Macro metrics of fixed predictions under any sample weighting (ranks, bins and predictions computed once)."
@@ -415,13 +433,46 @@ class _MacroScorer:
         self.y_sorted = np.take_along_axis(np.ascontiguousarray(t.T), self.ranked.order, 1).astype(np.float64)
         self.f1_matrices = _f1_matrices(t, p >= th)
         self.bin_count, self.bin_prob, self.bin_pos = _sample_bin_sums(t, p, n_bins)
+        self.scored = t.any(0)  # classes with a positive in the full sample
+
+    def per_class(self, w:np.ndarray) -> tuple:
+        "Per-class AP, AUC, F1 (NaN where undefined) and the pooled ECE under sample weights `w`."
+        ap, auc = _weighted_ap_auc(self.ranked, self.y_sorted, w)
+        ece = np.abs(w @ self.bin_pos - w @ self.bin_prob).sum() / (w @ self.bin_count).sum()
+        return ap, auc, _f1_from_counts(*self.f1_matrices, w), ece
 
     def __call__(self, w:np.ndarray) -> dict:
-        ap, auc = _weighted_ap_auc(self.ranked, self.y_sorted, w)
-        f1 = _f1_from_counts(*self.f1_matrices, w)
-        gap = np.abs(w @ self.bin_pos - w @ self.bin_prob).sum()
-        return {'mAP': _mean(ap), 'mAUC': _mean(auc), 'mF1': _mean(f1), 'ECE': gap / (w @ self.bin_count).sum(),
-                'n_excluded': int(np.isnan(ap).sum())}
+        "Macro metrics under `w` over the classes with a positive there, how many have none, the classes lost."
+        scores = self.per_class(w)
+        lost = self.scored & np.isnan(scores[0])
+        return {**_macro(scores, self.scored & ~lost), 'n_excluded': int(np.isnan(scores[0]).sum()), 'lost': lost}
+
+# %% ../nbs/06_metrics.ipynb #f8fdad91
+def _lost_report(lost:np.ndarray, names:list, lost_classes:str) -> tuple:
+    "Replicates kept under `lost_classes` given `lost` (replicates × classes), and the report of what was lost."
+    any_lost = lost.any(1)
+    keep = ~any_lost if lost_classes == 'drop' else np.ones(len(lost), bool)
+    by_class = {n: int(k) for n, k in zip(names, lost.sum(0)) if k}
+    if 2 * keep.sum() < len(lost):
+        raise ValueError(f"lost_classes='drop' keeps only {keep.sum()} of {len(lost)} replicates (fewer than "
+                         f"half): replicates that drew no positive of a class, by class: {by_class}; "
+                         "use lost_classes='exclude' or evaluate on more patients")
+    return keep, {'lost_classes': lost_classes, 'n_replicates_losing_a_class': int(any_lost.sum()),
+                  'replicates_lost_by_class': by_class, 'n_replicates_used': int(keep.sum())}
+
+# %% ../nbs/06_metrics.ipynb #020ff6fd
+def _replicates(score:_MacroScorer, names:list, weights, n_bootstrap:int, lost_classes:str,
+                progress:bool) -> pd.DataFrame:
+    "Macro metrics of each replicate kept under `lost_classes`; the report of lost classes in `attrs`."
+    rows, lost = [], []
+    for w in tqdm(weights, total=n_bootstrap, desc='bootstrap', disable=not progress):
+        r = score(w.astype(np.float64))
+        lost.append(r.pop('lost'))
+        rows.append(r)
+    keep, report = _lost_report(np.array(lost, bool).reshape(-1, len(names)), names, lost_classes)
+    reps = pd.DataFrame(rows, index=pd.RangeIndex(n_bootstrap, name='replicate'))[keep]
+    reps.attrs = report
+    return reps
 
 # %% ../nbs/06_metrics.ipynb #86bb51e7
 def bootstrap_replicates(y_true, # labels, samples × classes, 0/1
@@ -432,14 +483,14 @@ def bootstrap_replicates(y_true, # labels, samples × classes, 0/1
                          seed:int=0, # seed of the resampling (`bootstrap_weights`)
                          n_bins:int=15, # ECE bins
                          progress:bool=False, # show a progress bar
+                         lost_classes:str='exclude', # a replicate that lost a class: 'exclude' it there, or 'drop'
                         ) -> pd.DataFrame:
-    "mAP, mAUC, mF1, ECE and the number of excluded classes of each bootstrap replicate."
+    "mAP, mAUC, mF1, ECE and the number of excluded classes of each replicate used; what was lost in `attrs`."
+    _check_lost_policy(lost_classes)
     t, p, names = check_predictions(y_true, y_prob)
     score = _MacroScorer(t, p, class_thresholds(thresholds, names), n_bins)
     weights = bootstrap_weights(len(t), patient_ids, n_bootstrap, seed)
-    bar = tqdm(weights, total=n_bootstrap, desc='bootstrap', disable=not progress)
-    rows = [score(w.astype(np.float64)) for w in bar]
-    return pd.DataFrame(rows, index=pd.RangeIndex(n_bootstrap, name='replicate'))
+    return _replicates(score, names, weights, n_bootstrap, lost_classes, progress)
 
 # %% ../nbs/06_metrics.ipynb #c871f38d
 def _percentile_intervals(point:dict, reps:pd.DataFrame, level:float) -> pd.DataFrame:
@@ -461,58 +512,80 @@ def bootstrap_ci(y_true, # labels, samples × classes, 0/1
                  seed:int=0, # seed of the resampling
                  n_bins:int=15, # ECE bins
                  progress:bool=False, # show a progress bar
+                 lost_classes:str='exclude', # a replicate that lost a class: 'exclude' the class there, or 'drop' it
                 ) -> pd.DataFrame:
     "Percentile bootstrap intervals of mAP, mAUC, mF1 and ECE (rows), with the point estimate and the replicates' std."
     if not 0 < level < 1: raise ValueError(f'level must lie in (0, 1), got {level}')
     if n_bootstrap < 2: raise ValueError(f'n_bootstrap must be at least 2, got {n_bootstrap}')
+    _check_lost_policy(lost_classes)
     t, p, names = check_predictions(y_true, y_prob)
-    th = class_thresholds(thresholds, names)
-    point = _MacroScorer(t, p, th, n_bins)(np.ones(len(t)))
-    reps = bootstrap_replicates(t, p, th, patient_ids, n_bootstrap, seed, n_bins, progress)
-    ci = _percentile_intervals(point, reps, level)
+    score = _MacroScorer(t, p, class_thresholds(thresholds, names), n_bins)
+    weights = bootstrap_weights(len(t), patient_ids, n_bootstrap, seed)
+    reps = _replicates(score, names, weights, n_bootstrap, lost_classes, progress)
+    ci = _percentile_intervals(score(np.ones(len(t))), reps, level)
     ci.attrs = {'n_bootstrap': n_bootstrap, 'level': level, 'seed': seed,
                 'unit': 'patient' if patient_ids is not None else 'image', 'method': 'percentile',
-                'replicates_excluding_more_classes': int((reps.n_excluded > point['n_excluded']).sum())}
+                'replicates_excluding_more_classes': reps.attrs['n_replicates_losing_a_class'], **reps.attrs}
     return ci
 
 # %% ../nbs/06_metrics.ipynb #0627819d
-def _bootstrap_summary(t, p, th, patient_ids, n_bootstrap:int, level:float, seed:int, n_bins:int) -> dict:
-    "The `ci` (metric → [low, high]) and `bootstrap` (how) entries of `evaluate`'s summary."
-    ci = bootstrap_ci(t, p, thresholds=th, patient_ids=patient_ids, n_bootstrap=n_bootstrap, level=level,
-                      seed=seed, n_bins=n_bins)
+def _bootstrap_summary(t, p, th, names:list, **how) -> dict:
+    "The `ci` (metric → [low, high]) and `bootstrap` (how, what was lost) entries of `evaluate`'s summary."
+    frames = pd.DataFrame(t, columns=names), pd.DataFrame(p, columns=names)  # so that lost classes are named
+    ci = bootstrap_ci(*frames, thresholds=th, **how)
     return {'ci': {m: [float(ci.loc[m, 'low']), float(ci.loc[m, 'high'])] for m in ci.index}, 'bootstrap': ci.attrs}
 
 # %% ../nbs/06_metrics.ipynb #41724b86
+def _paired_replicate(score_a:_MacroScorer, score_b:_MacroScorer, w:np.ndarray) -> tuple:
+    "Both runs' macro metrics under weights `w`, over the classes neither lost there, and those lost classes."
+    sa, sb = score_a.per_class(w), score_b.per_class(w)
+    lost = score_a.scored & (np.isnan(sa[0]) | np.isnan(sb[0]))  # the same for both runs: labels decide
+    keep = score_a.scored & ~lost
+    return _macro(sa, keep), _macro(sb, keep), lost
+
 def _paired_differences(score_a:_MacroScorer, score_b:_MacroScorer, metric:str, weights, n_bootstrap:int,
-                        progress:bool) -> np.ndarray:
-    "metric(A) − metric(B) on each replicate, both scored with the replicate's weights."
-    diffs = []
+                        progress:bool) -> tuple:
+    "metric(A) − metric(B) on each replicate, both scored with its weights, and the classes each lost."
+    diffs, lost = [], []
     for w in tqdm(weights, total=n_bootstrap, desc='paired bootstrap', disable=not progress):
-        w = w.astype(np.float64)
-        diffs.append(score_a(w)[metric] - score_b(w)[metric])
-    return np.array(diffs)
+        a, b, gone = _paired_replicate(score_a, score_b, w.astype(np.float64))
+        diffs.append(a[metric] - b[metric])
+        lost.append(gone)
+    return np.array(diffs), np.array(lost, bool).reshape(-1, len(score_a.scored))
 
 # %% ../nbs/06_metrics.ipynb #5b073ff0
-def _paired_scorers(y_true, y_prob_a, y_prob_b, thresholds_a, thresholds_b) -> tuple:
-    "Checked labels and a `_MacroScorer` of each run."
+_HIGHER_IS_BETTER = {'mAP': True, 'mAUC': True, 'mF1': True, 'ECE': False}
+
+_P_VALUE_METHOD = ('two-sided, under the null of no difference by centring the bootstrap distribution at 0 '
+                   '(shift method, Efron & Tibshirani 1993, ch. 16): (1 + #{b: |d*_b - d| >= |d|}) / (1 + B)')
+
+def _paired_scorers(y_true, y_prob_a, y_prob_b, thresholds_a, thresholds_b, n_bins:int=15) -> tuple:
+    "Checked labels, class names and a `_MacroScorer` of each run."
     t, pa, names = check_predictions(y_true, y_prob_a)
     _, pb, _ = check_predictions(y_true, y_prob_b)
-    score_a = _MacroScorer(t, pa, class_thresholds(thresholds_a, names))
-    score_b = _MacroScorer(t, pb, class_thresholds(thresholds_b, names))
-    return t, score_a, score_b
+    score_a = _MacroScorer(t, pa, class_thresholds(thresholds_a, names), n_bins)
+    score_b = _MacroScorer(t, pb, class_thresholds(thresholds_b, names), n_bins)
+    return t, names, score_a, score_b
 
-def _difference_interval(diffs:np.ndarray, level:float) -> dict:
-    "Percentile interval of the differences, the one-sided p-value, and whether the interval lies above 0."
+# %% ../nbs/06_metrics.ipynb #de2b4d5b
+def _null_p_value(diffs:np.ndarray, difference:float) -> float:
+    "Two-sided bootstrap p-value of `difference` under the null: the replicates' `diffs` centred at 0."
+    if np.isnan(difference): return float('nan')
+    d = diffs[~np.isnan(diffs)]
+    return float((1 + np.sum(np.abs(d - difference) >= abs(difference))) / (1 + len(d)))
+
+def _difference_interval(diffs:np.ndarray, difference:float, level:float, higher_is_better:bool) -> dict:
+    "Percentile interval of the replicate differences, the p-value under the null, and whether A is better."
     q = (1 - level) / 2
     low, high = float(np.nanquantile(diffs, q)), float(np.nanquantile(diffs, 1 - q))
-    return {'low': low, 'high': high, 'p_value': float((1 + np.sum(diffs <= 0)) / (1 + len(diffs))),
-            'a_beats_b': bool(low > 0)}
+    return {'low': low, 'high': high, 'p_value': _null_p_value(diffs, difference), 'p_value_method': _P_VALUE_METHOD,
+            'a_beats_b': bool(low > 0 if higher_is_better else high < 0)}
 
 # %% ../nbs/06_metrics.ipynb #6fc210c0
 def paired_bootstrap(y_true, # labels, samples × classes, 0/1
                      y_prob_a, # run A's probabilities on the same samples
                      y_prob_b, # run B's probabilities on the same samples
-                     metric:str='mAP', # 'mAP', 'mAUC' or 'mF1' (higher is better)
+                     metric:str='mAP', # 'mAP', 'mAUC', 'mF1' (higher is better) or 'ECE' (lower is better)
                      thresholds_a=None, # run A's F1 thresholds (for metric 'mF1')
                      thresholds_b=None, # run B's F1 thresholds (for metric 'mF1')
                      patient_ids=None, # patient of each sample; None resamples images
@@ -520,18 +593,24 @@ def paired_bootstrap(y_true, # labels, samples × classes, 0/1
                      level:float=0.95, # coverage of the interval of the difference
                      seed:int=0, # seed of the resampling
                      progress:bool=False, # show a progress bar
+                     lost_classes:str='exclude', # 'exclude' a lost class from both means, or 'drop' the replicate
+                     n_bins:int=15, # ECE bins (for metric 'ECE')
                     ) -> dict:
     "Paired bootstrap of metric(A) − metric(B) on shared resamples: estimate, interval, p-value and whether A beats B."
-    if metric not in ('mAP', 'mAUC', 'mF1'): raise ValueError(f"metric must be 'mAP', 'mAUC' or 'mF1', got {metric!r}")
+    if metric not in _HIGHER_IS_BETTER:
+        raise ValueError(f"metric must be 'mAP', 'mAUC', 'mF1' or 'ECE', got {metric!r}")
     if not 0 < level < 1: raise ValueError(f'level must lie in (0, 1), got {level}')
-    t, score_a, score_b = _paired_scorers(y_true, y_prob_a, y_prob_b, thresholds_a, thresholds_b)
-    ones = np.ones(len(t))
-    a, b = score_a(ones)[metric], score_b(ones)[metric]
+    _check_lost_policy(lost_classes)
+    t, names, score_a, score_b = _paired_scorers(y_true, y_prob_a, y_prob_b, thresholds_a, thresholds_b, n_bins)
+    a, b = (float(m[metric]) for m in _paired_replicate(score_a, score_b, np.ones(len(t)))[:2])
     weights = bootstrap_weights(len(t), patient_ids, n_bootstrap, seed)
-    diffs = _paired_differences(score_a, score_b, metric, weights, n_bootstrap, progress)
-    return {'metric': metric, 'a': a, 'b': b, 'difference': a - b, **_difference_interval(diffs, level),
-            'n_bootstrap': n_bootstrap, 'level': level, 'seed': seed,
-            'unit': 'patient' if patient_ids is not None else 'image'}
+    diffs, lost = _paired_differences(score_a, score_b, metric, weights, n_bootstrap, progress)
+    keep, report = _lost_report(lost, names, lost_classes)
+    better = _HIGHER_IS_BETTER[metric]
+    return {'metric': metric, 'higher_is_better': better, 'a': a, 'b': b, 'difference': a - b,
+            **_difference_interval(diffs[keep], a - b, level, better), 'n_bootstrap': n_bootstrap, 'level': level,
+            'seed': seed, 'unit': 'patient' if patient_ids is not None else 'image', **report,
+            'replicate_differences': diffs[keep]}
 
 # %% ../nbs/06_metrics.ipynb #775abe9d
 def _reliability_curve(ax, hist_ax, y_true, probs, name:str, n_bins:int, i:int, k:int):

@@ -73,12 +73,12 @@ def best_model(self:Run, device='cpu') -> nn.Module:
 # %% ../nbs/07a_run.ipynb #2886b4a9
 @patch
 def datasets(self:Run) -> dict:
-    "Un-augmented datasets of the run: 'train', 'val' (and 'test') with their tables and label matrices."
+    "Un-augmented datasets of the run: 'train', 'val', 'dev' (when it has one) and 'test' (when it names one)."
     from cxrlt.datasets import CachedImageDataset
     from cxrlt.train import test_data, training_data
     cfg = self.config
     d, out = training_data(cfg), {}
-    for split in ('train', 'val'):
+    for split in [s for s in ('train', 'val', 'dev') if len(d[s])]:
         y = d[split][CLASSES].to_numpy(np.float32)
         out[split] = {'table': d[split], 'labels': y, 'dataset': CachedImageDataset(d['cache'], d[split].ImageID, y)}
     t = test_data(cfg)

@@ -2,8 +2,8 @@
 
 # %% auto #0
 __all__ = ['SAMPLERS', 'cosine_warmup_factor', 'amp_dtype', 'autocast_for', 'init_distributed', 'gather_to_rank0',
-           'broadcast_from_rank0', 'rng_state', 'set_rng_state', 'unwrap', 'train_one_epoch', 'predict_logits',
-           'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'fit', 'train_cli']
+           'broadcast_from_rank0', 'rank_seed', 'rng_state', 'set_rng_state', 'unwrap', 'train_one_epoch',
+           'predict_logits', 'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'fit', 'train_cli']
 
 # %% ../nbs/07_train.ipynb #f211d209
 import contextlib, dataclasses, functools, math, os, time
@@ -84,6 +84,13 @@ def broadcast_from_rank0(obj):
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
+# %% ../nbs/07_train.ipynb #bab94996
+def rank_seed(seed:int, # the run's seed
+              rank:int, # the process's rank
+             ) -> int:
+    "The seed of one rank's generators (augmentation, dropout): fixed by (`seed`, `rank`), distinct between ranks."
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
 # %% ../nbs/07_train.ipynb #ca28a846
 def rng_state() -> dict:
     "Python, NumPy and torch (CPU and CUDA) generator states as tensors and plain values."
@@ -112,6 +119,11 @@ def unwrap(model:nn.Module) -> nn.Module:
     while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
         model = getattr(model, 'module', None) or getattr(model, '_orig_mod')
     return model
+
+# %% ../nbs/07_train.ipynb #160d6745
+def _sum_reduced(loss_fn) -> bool:
+    "Whether the loss sums over its entries (its reported value is then divided by images, not entries)."
+    return getattr(loss_fn, 'reduction', 'mean') == 'sum'
 
 # %% ../nbs/07_train.ipynb #de3a73b2
 def _backward(model, loss_fn, x, y, *, step_now:bool, autocast, scaler, loss_scale:float, accum_steps:int,
@@ -154,7 +166,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
     "Train for one pass over `loader`; returns the mean loss, the last learning rate and images/s."
     model.train()
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
-    total, seen, t0 = 0.0, 0, time.perf_counter()
+    total, seen, t0, per_image = 0.0, 0, time.perf_counter(), _sum_reduced(loss_fn)
     optimizer.zero_grad(set_to_none=True)
     bar = tqdm(total=n, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for i, (x, y) in enumerate(loader):
@@ -162,10 +174,11 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float()
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n
+        group = min(accum_steps, n - i // accum_steps * accum_steps)   # micro-batches in this step's group
         loss = _backward(model, loss_fn, x, y, step_now=step_now, autocast=autocast, scaler=scaler,
-                         loss_scale=loss_scale, accum_steps=accum_steps, desc=desc, batch=i)
+                         loss_scale=loss_scale, accum_steps=group, desc=desc, batch=i)
         if step_now: _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema)
-        total += loss.item() * len(x); seen += len(x)
+        total += loss.item() * (1 if per_image else len(x)); seen += len(x)
         rate = seen * world_size / (time.perf_counter() - t0)
         bar.set_postfix(loss=f'{total / seen:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}', img_s=f'{rate:.1f}')
         bar.update()
@@ -201,8 +214,9 @@ class TrainConfig(Config):
     test_csv: Optional[Path] = None  # label-less test CSV to predict
     test_cache: Optional[Path] = None  # image cache of the test CSV's images
     test_labels_csv: Optional[Path] = None  # answers for the test images, when known (synthetic data)
-    split_file: Optional[Path] = None  # ImageID → train/val CSV; default out_dir/split.csv, made once and reused
-    val_fraction: float = 0.1  # share of patients in validation when the split is made
+    split_file: Optional[Path] = None  # ImageID → train/val/dev CSV; default out_dir/split.csv, made once and reused
+    val_fraction: float = 0.1  # share of patients in validation (every choice) when the split is made
+    dev_fraction: float = 0.1  # share of held-out patients (reports; no choice reads them) when the split is made
     split_seed: int = 0  # seed of the split
     # model
     backbone: str = 'resnet10t'  # a `cxrlt.models.BACKBONES` name
@@ -215,6 +229,8 @@ class TrainConfig(Config):
     loss_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # passed to the loss
     drw_start_epoch: Optional[int] = None  # deferred re-weighting from this 0-based epoch
     drw_beta: float = 0.9999  # β of the class-balanced DRW weights
+    drw_mode: Literal['positive', 'column'] = 'positive'  # DRW weights on positives only, or on whole columns
+    drw_lr_factor: float = 1.0  # multiplies the learning rate from the DRW epoch on (e.g. 0.1)
     sampler: Literal['instance', 'class_aware', 'sqrt', 'repeat_factor'] = 'instance'
     augment: AugmentConfig = dataclasses.field(default_factory=AugmentConfig)
     # optimisation
@@ -232,7 +248,8 @@ class TrainConfig(Config):
     channels_last: bool = False
     compile: bool = False  # torch.compile the model
     ema_decay: Optional[float] = None  # keep and evaluate an EMA of the weights
-    patience: Optional[int] = None  # early stopping: epochs without val mAP gain
+    patience: Optional[int] = None  # early stopping: epochs without val mAP gain (counted afresh when DRW starts)
+    sync_bn: bool = True  # SyncBatchNorm for BatchNorm backbones under several processes
     num_workers: int = 0  # DataLoader workers per process
     max_batches_per_epoch: Optional[int] = None  # cut epochs short (smoke runs)
     # run
@@ -248,6 +265,7 @@ class TrainConfig(Config):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1, got {getattr(self, k)}')
         if self.lr <= 0: raise ValueError(f'lr must be positive, got {self.lr}')
         if self.warmup_epochs < 0: raise ValueError(f'warmup_epochs must be >= 0, got {self.warmup_epochs}')
+        if not self.drw_lr_factor > 0: raise ValueError(f'drw_lr_factor must be > 0, got {self.drw_lr_factor}')
 
     def resolved_run_name(self) -> str:
         "`run_name`, or backbone-loss-<8 hex digits of the config's content hash>."
@@ -259,7 +277,7 @@ class TrainConfig(Config):
 
 # %% ../nbs/07_train.ipynb #0e6cb52f
 def training_data(cfg:TrainConfig) -> dict:
-    "Validated train / val tables (labels, ImageIDs, patients) and the image cache for `cfg`."
+    "Validated train / val / dev tables (labels, ImageIDs, patients) and the image cache for `cfg`."
     import warnings
     from cxrlt.data import join_padchest, read_removal_csv, read_training_csv, remove_images
     from cxrlt.splits import load_or_make_split
@@ -272,7 +290,8 @@ def training_data(cfg:TrainConfig) -> dict:
         df = join_padchest(df)
     for w in caught: logger.warning(str(w.message))
     split_file = cfg.split_file or Path(cfg.out_dir)/'split.csv'
-    split = load_or_make_split(df, split_file, val_fraction=cfg.val_fraction, seed=cfg.split_seed)
+    split = load_or_make_split(df, split_file, val_fraction=cfg.val_fraction, dev_fraction=cfg.dev_fraction,
+                               seed=cfg.split_seed)
     cache = open_cache(cfg.train_cache)
     failed = set(cache.failed_ids)
     if failed:
@@ -280,8 +299,8 @@ def training_data(cfg:TrainConfig) -> dict:
                        'and are left out')
         df = df[~df.ImageID.isin(failed)]
     subset = split.reindex(df.ImageID).to_numpy()
-    train, val = df[subset == 'train'].reset_index(drop=True), df[subset == 'val'].reset_index(drop=True)
-    return {'train': train, 'val': val, 'cache': cache, 'split_file': Path(split_file)}
+    tables = {s: df[subset == s].reset_index(drop=True) for s in ('train', 'val', 'dev')}
+    return {**tables, 'cache': cache, 'split_file': Path(split_file)}
 
 # %% ../nbs/07_train.ipynb #a275df16
 def test_data(cfg:TrainConfig) -> Optional[dict]:
@@ -333,11 +352,16 @@ def _predict_dataset(model, ds, cfg, rank, world, device, autocast) -> Optional[
     return out
 
 # %% ../nbs/07_train.ipynb #ed3ab2cd
+def _log_odds(loss_fn, logits:np.ndarray) -> np.ndarray:
+    "The float64 log-odds the loss trains (k·z: s·z for LDAM's cosine head), whose sigmoid is the probability."
+    return loss_fn.log_odds(torch.from_numpy(logits)).double().numpy()
+
 def _probabilities(loss_fn, logits:np.ndarray) -> np.ndarray:
-    return loss_fn.probabilities(torch.from_numpy(logits)).double().numpy()
+    from scipy.special import expit
+    return expit(_log_odds(loss_fn, logits))
 
 # %% ../nbs/07_train.ipynb #2acef5d5
-def _plot_curves(history:pd.DataFrame, path:Path):
+def _plot_curves(history:pd.DataFrame, path:Path, drw_start_epoch:Optional[int]=None):
     import matplotlib; matplotlib.use('Agg', force=False)
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -348,15 +372,18 @@ def _plot_curves(history:pd.DataFrame, path:Path):
     ax[1].set(xlabel='epoch', ylabel='macro mAP', title='validation mAP')
     ax[2].plot(history.epoch, history.lr, 'o-')
     ax[2].set(xlabel='epoch', ylabel='lr (end of epoch)', title='learning rate')
+    if drw_start_epoch is not None:   # 1-based epochs: DRW is on from epoch drw_start_epoch + 1
+        for a in ax: a.axvline(drw_start_epoch + 0.5, color='grey', ls=':', lw=1)
+        ax[1].annotate('DRW', (drw_start_epoch + 0.5, 1), xycoords=('data', 'axes fraction'), va='top', fontsize=8)
     fig.tight_layout()
     with atomic_write(path, 'wb') as f: fig.savefig(f, format='png', dpi=100)
     plt.close(fig)
 
 # %% ../nbs/07_train.ipynb #eba4b393
-def _predictions_frame(ids, split:str, probs:np.ndarray, logits:np.ndarray) -> pd.DataFrame:
-    df = pd.DataFrame({'ImageID': list(ids), 'split': split})
-    logit_columns = pd.DataFrame(logits, columns=[f'logit:{c}' for c in CLASSES])
-    return pd.concat([df, pd.DataFrame(probs, columns=CLASSES), logit_columns], axis=1)
+def _predictions_frame(ids, split:str, log_odds:np.ndarray) -> pd.DataFrame:
+    "A split's rows of `predictions.csv`: probabilities σ(ℓ) and, as `logit:` columns, the log-odds ℓ themselves."
+    from cxrlt.posttrain.predictions import prediction_frame
+    return prediction_frame(ids, split, log_odds)
 
 # %% ../nbs/07_train.ipynb #af2ed4b1
 class CheckpointSaver:
@@ -379,21 +406,22 @@ class CheckpointSaver:
 @patch
 def save(self:CheckpointSaver, state:dict, # the training state (epoch, best, history, ...) after an epoch
          improved:bool, # whether this epoch's validation mAP is the best so far
+         rngs:list=None, # every rank's `rng_state()` (default: this process's)
         ):
     "Write `best.pt` when `improved`, then `last.pt`."
     if improved:
         save_checkpoint({'model': self.evaluated.state_dict(), 'epoch': state['epoch'], 'val_mAP': state['best_map'],
-                         'model_config': self.model.cxrlt_config}, self.best)
+                         'selected_on': 'val', 'model_config': self.model.cxrlt_config}, self.best)
     ck = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-          'scheduler': self.scheduler.state_dict(), 'state': state, 'rng': rng_state()}
+          'scheduler': self.scheduler.state_dict(), 'state': state, 'rng': rngs or [rng_state()]}
     if self.scaler is not None: ck['scaler'] = self.scaler.state_dict()
     if self.ema is not None: ck['ema'] = self.ema.module.state_dict()
     save_checkpoint(ck, self.last)
 
 # %% ../nbs/07_train.ipynb #bd46fe9d
 @patch
-def resume(self:CheckpointSaver, device) -> Optional[dict]:
-    "Load `last.pt` into every object and restore the generators; the saved training state, or None without one."
+def resume(self:CheckpointSaver, device, rank:int=0) -> Optional[dict]:
+    "Load `last.pt` into every object and restore this rank's generators; the saved training state, or None."
     if not self.last.exists(): return None
     ck = load_checkpoint(self.last, map_location=device)
     self.model.load_state_dict(ck['model'])
@@ -401,8 +429,15 @@ def resume(self:CheckpointSaver, device) -> Optional[dict]:
     self.scheduler.load_state_dict(ck['scheduler'])
     if self.scaler is not None: self.scaler.load_state_dict(ck['scaler'])
     if self.ema is not None: self.ema.module.load_state_dict(ck['ema'])
-    set_rng_state(ck['rng'])
+    set_rng_state(_rank_rng(ck['rng'], rank))
     return ck['state']
+
+def _rank_rng(saved, rank:int) -> dict:
+    "This rank's saved generator states (a checkpoint from fewer processes: rank 0's, reseeded after, logged)."
+    if isinstance(saved, dict): return saved   # written before generator states were kept per rank
+    if rank < len(saved): return saved[rank]
+    logger.warning(f'last.pt holds generator states of {len(saved)} processes; rank {rank} continues from rank 0\'s')
+    return saved[0]
 
 # %% ../nbs/07_train.ipynb #395f8445
 @patch
@@ -426,8 +461,19 @@ def _record_epoch(state:dict, row:dict) -> bool:
     return improved
 
 # %% ../nbs/07_train.ipynb #5d99d1a4
-def _should_stop(state:dict, patience:Optional[int]) -> bool:
+def _should_stop(state:dict, patience:Optional[int], epoch:int=0, drw_start_epoch:Optional[int]=None) -> bool:
+    "Whether `patience` bad epochs came in a row before 0-based `epoch`; never before DRW starts."
+    if drw_start_epoch is not None and epoch < drw_start_epoch: return False
     return state['bad_epochs'] >= (patience or math.inf)
+
+def _start_phase(state:dict, epoch:int, drw_start_epoch:Optional[int]):
+    "At the DRW epoch, count bad epochs afresh."
+    if epoch == drw_start_epoch: state['bad_epochs'] = 0
+
+def _best_epoch_phase(best_epoch:int, drw_start_epoch:Optional[int]) -> Optional[str]:
+    "'before DRW' or 'after DRW' for the (1-based) best epoch; None without DRW."
+    if drw_start_epoch is None: return None
+    return 'after DRW' if best_epoch > drw_start_epoch else 'before DRW'
 
 # %% ../nbs/07_train.ipynb #f8dc1a7a
 def _open_run(cfg:TrainConfig, rank:int) -> tuple:
@@ -465,13 +511,15 @@ def _build_model(cfg:TrainConfig, size:int, device) -> nn.Module:
 
 # %% ../nbs/07_train.ipynb #39bd9ce3
 def _optimisation(cfg:TrainConfig, model:nn.Module, n_batches:int, device) -> dict:
-    "Optimizer, warm-up + cosine schedule (per optimizer step), autocast, float16 scaler and EMA of `cfg`."
+    "Optimizer, warm-up + cosine schedule (per step, × `drw_lr_factor` after DRW), autocast, fp16 scaler and EMA."
     import timm.optim, timm.utils
     optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                                momentum=cfg.momentum)
     steps_per_epoch = math.ceil(n_batches / cfg.accum_steps)
     total, warm = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
-    factor = lambda s: cosine_warmup_factor(s, total, warm, cfg.min_lr_ratio)
+    drw_step = None if cfg.drw_start_epoch is None else cfg.drw_start_epoch * steps_per_epoch
+    after_drw = lambda s: cfg.drw_lr_factor if drw_step is not None and s >= drw_step else 1.0
+    factor = lambda s: cosine_warmup_factor(s, total, warm, cfg.min_lr_ratio) * after_drw(s)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     dtype = amp_dtype(device, cfg.amp)
     return {'optimizer': optimizer, 'scheduler': scheduler, 'autocast': autocast_for(device, dtype),
@@ -479,8 +527,21 @@ def _optimisation(cfg:TrainConfig, model:nn.Module, n_batches:int, device) -> di
             'ema': timm.utils.ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None}
 
 # %% ../nbs/07_train.ipynb #ebf062a7
+def _has_batchnorm(model:nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+def _sync_batchnorm(cfg:TrainConfig, model:nn.Module, world:int, device) -> nn.Module:
+    "`model` with SyncBatchNorm layers under several GPU processes (when `sync_bn` and it has BatchNorm)."
+    if world == 1 or not cfg.sync_bn or not _has_batchnorm(model): return model
+    if device.type != 'cuda':
+        logger.warning('sync_bn: torch runs SyncBatchNorm on GPUs only; on the CPU each process keeps its own '
+                       'BatchNorm statistics')
+        return model
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)   # in place: the same parameters and buffers train
+
 def _wrap_for_training(cfg:TrainConfig, model:nn.Module, world:int, device) -> nn.Module:
-    "`model` compiled (when asked) and wrapped in DistributedDataParallel under several processes."
+    "`model` with SyncBatchNorm (several GPU processes), compiled (when asked) and wrapped in DDP."
+    model = _sync_batchnorm(cfg, model, world, device)
     if cfg.compile: model = torch.compile(model)
     if world == 1: return model
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == 'cuda' else None)
@@ -493,6 +554,7 @@ def _validate(model, loss_fn, val_ds, y_val:np.ndarray, groups, cfg, rank, world
     if rank != 0: return None
     ev = evaluate(y_val, _probabilities(loss_fn, logits), groups=groups)
     val_loss = float(loss_fn(torch.from_numpy(logits), torch.from_numpy(y_val)))
+    if _sum_reduced(loss_fn): val_loss /= len(y_val)   # per image, like the training loss
     return {'val_loss': val_loss, 'val_mAP': ev.summary['mAP'], 'val_mAUC': ev.summary['mAUC']}
 
 # %% ../nbs/07_train.ipynb #32bdfc74
@@ -511,33 +573,41 @@ def _load_best(saver:CheckpointSaver, rank:int, world:int, device):
 def _score_split(run_dir:Path, split:str, ids, labels, logits:np.ndarray, loss_fn, groups) -> tuple:
     "A split's rows of the predictions file, and its metrics (saved under `run_dir/split`) when it has labels."
     from cxrlt.metrics import evaluate
-    probs = _probabilities(loss_fn, logits)
-    frame = _predictions_frame(ids, split, probs, logits)
+    ell = _log_odds(loss_fn, logits)
+    frame = _predictions_frame(ids, split, ell)
     if labels is None: return frame, None
-    ev = evaluate(labels, probs, groups=groups)
-    ev.save(run_dir/split, params={'run': run_dir.name, 'split': split, 'checkpoint': 'best.pt'})
+    ev = evaluate(labels, frame[CLASSES].to_numpy(), groups=groups)
+    ev.save(run_dir/split, params={'run': run_dir.name, 'split': split, 'checkpoint': 'best.pt', 'selected_on': 'val'})
     return frame, ev.summary
 
 # %% ../nbs/07_train.ipynb #158b3700
-def _predict_and_save(cfg, model, loss_fn, val_df, y_val, val_ds, groups, state, run_dir, rank, world, device,
-                      autocast) -> Optional[dict]:
-    "Best-checkpoint predictions on val (and test); rank 0 writes them, the metrics and curves, and ends the run."
+def _prediction_splits(cfg:TrainConfig, data:dict) -> dict:
+    "Split -> (ImageIDs, labels or None, dataset) the best model predicts: 'val', 'dev' (when made), 'test'."
     from cxrlt.datasets import CachedImageDataset
-    val_logits = _predict_dataset(model, val_ds, cfg, rank, world, device, autocast)
+    out = {}
+    for s in ('val', 'dev'):
+        if not len(data[s]): continue
+        y = data[s][CLASSES].to_numpy(np.float32)
+        out[s] = (data[s].ImageID, y, CachedImageDataset(data['cache'], data[s].ImageID, y))
     test = test_data(cfg)
     if test is not None:
-        test_ds = CachedImageDataset(test['cache'], test['test'].ImageID)
-        test_logits = _predict_dataset(model, test_ds, cfg, rank, world, device, autocast)
+        out['test'] = (test['test'].ImageID, test['labels'], CachedImageDataset(test['cache'], test['test'].ImageID))
+    return out
+
+def _predict_and_save(cfg, model, loss_fn, splits:dict, groups, state, run_dir, rank, world, device,
+                      autocast) -> Optional[dict]:
+    "Best-checkpoint predictions on every split; rank 0 writes them, the metrics and curves, and ends the run."
+    logits = {s: _predict_dataset(model, ds, cfg, rank, world, device, autocast) for s, (_, _, ds) in splits.items()}
     if rank != 0: return None
-    frame, val_summary = _score_split(run_dir, 'val', val_df.ImageID, y_val, val_logits, loss_fn, groups)
-    frames, result = [frame], {'best_epoch': state['best_epoch'], 'epochs_run': state['epoch'], 'val': val_summary,
-                               'test': None}
-    if test is not None:
-        frame, result['test'] = _score_split(run_dir, 'test', test['test'].ImageID, test['labels'], test_logits,
-                                             loss_fn, groups)
+    frames, result = [], {'best_epoch': state['best_epoch'], 'epochs_run': state['epoch'], 'selected_on': 'val',
+                          'drw_start_epoch': cfg.drw_start_epoch,
+                          'best_epoch_phase': _best_epoch_phase(state['best_epoch'], cfg.drw_start_epoch),
+                          'val': None, 'dev': None, 'test': None}
+    for s, (ids, y, _) in splits.items():
+        frame, result[s] = _score_split(run_dir, s, ids, y, logits[s], loss_fn, groups)
         frames.append(frame)
     save_csv(pd.concat(frames, ignore_index=True), run_dir/'predictions.csv')
-    _plot_curves(pd.DataFrame(state['history']), run_dir/'curves.png')
+    _plot_curves(pd.DataFrame(state['history']), run_dir/'curves.png', cfg.drw_start_epoch)
     save_json({'params': cfg.to_dict(), **result}, run_dir/'metrics.json')
     end_run(run_dir)
     return result
@@ -566,26 +636,28 @@ def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
     from cxrlt.labels import class_groups
     from cxrlt.losses import make_loss
     data = _run_data(cfg, rank, world)
-    train_df, val_df, cache = data['train'], data['val'], data['cache']
-    y_train, y_val = train_df[CLASSES].to_numpy(np.float32), val_df[CLASSES].to_numpy(np.float32)
+    train_df, cache, splits = data['train'], data['cache'], _prediction_splits(cfg, data)
+    _, y_val, val_ds = splits['val']
+    y_train = train_df[CLASSES].to_numpy(np.float32)
     counts = y_train.sum(0).astype(np.int64)
     train_ds = CachedImageDataset(cache, train_df.ImageID, y_train, transform=train_augmentation(cfg.augment))
-    val_ds = CachedImageDataset(cache, val_df.ImageID, y_val)
     loader = _train_loader(cfg, train_ds, y_train, rank, world, device)
     model = _build_model(cfg, cache.size, device)
+    seed_everything(rank_seed(cfg.seed, rank), cfg.deterministic)   # same weights everywhere, own augmentations
     loss_fn = make_loss(cfg.loss, _loss_counts(counts), drw_start_epoch=cfg.drw_start_epoch, drw_beta=cfg.drw_beta,
-                        **{'n_images': len(train_df), **cfg.loss_kwargs})
-    loss_scale = float(world) if getattr(loss_fn, 'reduction', 'mean') == 'sum' else 1.0
+                        drw_mode=cfg.drw_mode, **{'n_images': len(train_df), **cfg.loss_kwargs})
+    loss_scale = float(world) if _sum_reduced(loss_fn) else 1.0
     n_batches = len(loader) if cfg.max_batches_per_epoch is None else min(len(loader), cfg.max_batches_per_epoch)
     opt = _optimisation(cfg, model, n_batches, device)
     train_model = _wrap_for_training(cfg, model, world, device)
     saver = CheckpointSaver(run_dir, model, opt['optimizer'], opt['scheduler'], opt['scaler'], opt['ema'])
-    state = saver.resume(device) or _new_state()
+    state = saver.resume(device, rank) or _new_state()
     if rank == 0 and state['epoch']:
         logger.info(f"resuming {run_dir.name} after epoch {state['epoch']} of {cfg.epochs}")
     groups = class_groups(counts, len(train_df))
     for epoch in range(state['epoch'], cfg.epochs):
-        if _should_stop(state, cfg.patience): break
+        _start_phase(state, epoch, cfg.drw_start_epoch)
+        if _should_stop(state, cfg.patience, epoch, cfg.drw_start_epoch): break
         loader.sampler.set_epoch(epoch)
         if hasattr(loss_fn, 'set_epoch'): loss_fn.set_epoch(epoch)
         t0 = time.perf_counter()
@@ -595,17 +667,19 @@ def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
                              max_batches=cfg.max_batches_per_epoch, world_size=world, loss_scale=loss_scale,
                              desc=f'epoch {epoch + 1}/{cfg.epochs}', progress=cfg.progress and rank == 0)
         val = _validate(saver.evaluated, loss_fn, val_ds, y_val, groups, cfg, rank, world, device, opt['autocast'])
+        rngs = gather_to_rank0(rng_state())
         if rank == 0:
             row = {'epoch': epoch + 1, 'train_loss': tr['train_loss'], **val, 'lr': tr['lr'],
+                   'drw': bool(getattr(loss_fn, 'active', False)),
                    'images_per_s': tr['images_per_s'], 'epoch_time_s': time.perf_counter() - t0}
             improved = _record_epoch(state, row)
-            saver.save(state, improved)
+            saver.save(state, improved, rngs)
             save_csv(pd.DataFrame(state['history']), run_dir/'history.csv')
             _log_epoch(row, improved)
         state = broadcast_from_rank0(state)
     _load_best(saver, rank, world, device)
-    return broadcast_from_rank0(_predict_and_save(cfg, model, loss_fn, val_df, y_val, val_ds, groups, state,
-                                                  run_dir, rank, world, device, opt['autocast']))
+    return broadcast_from_rank0(_predict_and_save(cfg, model, loss_fn, splits, groups, state, run_dir, rank, world,
+                                                  device, opt['autocast']))
 
 # %% ../nbs/07_train.ipynb #af01fbaa
 from fastcore.script import Param

@@ -6,14 +6,17 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.optimize
 import torch
 import torch.nn.functional as F
+from scipy import special
+from sklearn.metrics import average_precision_score
 
 import cxrlt.losses
 from cxrlt.labels import CLASSES
-from cxrlt.losses import (DRW, LOSSES, AsymmetricLoss, BCELoss, FocalLoss, LDAMDRWLoss, LDAMLoss, LogitAdjustedBCE,
-                          MultiLabelLoss, NegativeTolerantBCE, bce, class_balanced_weights, class_counts,
-                          ldam_margins, loss_class, make_loss, without_drw)
+from cxrlt.losses import (DRW, DRW_MODES, LOSSES, AsymmetricLoss, BCELoss, FocalLoss, LDAMDRWLoss, LDAMLoss,
+                          LogitAdjustedBCE, MultiLabelLoss, NegativeTolerantBCE, bce, class_balanced_weights,
+                          class_counts, ldam_margins, loss_class, make_loss, without_drw)
 
 B, C = 6, 30
 N_IMAGES = 60_000
@@ -85,6 +88,14 @@ def elementwise(f, z, y, per_class=None, **kw):
 def reduce(e, weight=None, reduction='mean'):
     if weight is not None: e = e * np.asarray(weight)[None, :]
     return {'mean': e.mean(), 'sum': e.sum(), 'none': e}[reduction]
+
+
+def ref_drw(e, y, cb, mode, own=None, reduction='mean'):
+    """Deferred re-weighting of a reference element-wise loss `e`, once active: 'positive' weights each positive
+    of class j by cb_j and each negative by 1 (BCE's pos_weight); 'column' weights all of column j by cb_j."""
+    cb = np.asarray(cb)[None, :]
+    e = e * np.where(y == 1, cb, 1.0) if mode == 'positive' else e * cb
+    return reduce(e, own, reduction)
 
 
 # ---------------------------------------------------------------- fixtures
@@ -357,21 +368,23 @@ def _reference(name, z, y, counts):
     raise KeyError(name)
 
 
+@pytest.mark.parametrize('mode', [None, 'positive', 'column'])   # None: make_loss's default, 'positive'
 @pytest.mark.parametrize('name', list(LOSSES))
-def test_drw_uniform_then_class_balanced_for_every_loss(rng, counts, name):
+def test_drw_uniform_then_class_balanced_for_every_loss(rng, counts, name, mode):
     z = rng.uniform(-1, 1, (B, C)) if name.startswith('ldam') else rng.normal(0, 3, (B, C))
     y = (rng.random((B, C)) < 0.3).astype(np.float64)
     y[0] = 0
-    loss = _build(name, counts, drw_start_epoch=3, drw_beta=0.999)
+    loss = _build(name, counts, drw_start_epoch=3, drw_beta=0.999, **({} if mode is None else {'drw_mode': mode}))
     assert isinstance(loss, DRW)
     ref = _reference(name, z, y, counts)
     red = loss.reduction
     w = np.array(ref_cb_weights(counts, 0.999))
-    for epoch, weight in [(0, None), (2, None), (3, w), (7, w)]:
+    for epoch, active in [(0, False), (2, False), (3, True), (7, True)]:
         got = loss.set_epoch(epoch)(t(z), t(y))
-        np.testing.assert_allclose(got.numpy(), reduce(ref, weight, red), rtol=2e-6, atol=1e-6,
-                                   err_msg=f'{name} epoch {epoch}')
-        assert loss.active == (weight is not None)
+        want = ref_drw(ref, y, w, mode or 'positive', reduction=red) if active else reduce(ref, None, red)
+        np.testing.assert_allclose(got.numpy(), want, rtol=2e-6, atol=1e-6, err_msg=f'{name} epoch {epoch}')
+        assert loss.active == active
+    assert loss.mode == (mode or 'positive')
 
 
 def test_drw_multiplies_the_wrapped_losses_own_weight(rng, counts):
@@ -381,8 +394,14 @@ def test_drw_multiplies_the_wrapped_losses_own_weight(rng, counts):
     ref = elementwise(ref_focal, z, y, gamma=2.0)
     np.testing.assert_allclose(drw(t(z), t(y)).item(), reduce(ref, own, 'sum'), rtol=1e-9)
     cb = np.array(ref_cb_weights(counts, 0.9999))
-    np.testing.assert_allclose(drw.set_epoch(1)(t(z), t(y)).item(), reduce(ref, own * cb, 'sum'), rtol=1e-6)
+    np.testing.assert_allclose(drw.set_epoch(1)(t(z), t(y)).item(), ref_drw(ref, y, cb, 'positive', own, 'sum'),
+                               rtol=1e-6)
     np.testing.assert_allclose(drw.elementwise(t(z), t(y)).numpy(), ref, rtol=1e-9)
+    column = DRW(FocalLoss(2.0, weight=own, reduction='sum'), counts, start_epoch=1, mode='column').set_epoch(1)
+    np.testing.assert_allclose(column(t(z), t(y)).item(), reduce(ref, own * cb, 'sum'), rtol=1e-6)
+    # per element, with reduction 'none': own_j * cb_j on a positive, own_j on a negative ('positive'); own_j * cb_j
+    none = DRW(FocalLoss(2.0, weight=own, reduction='none'), counts, start_epoch=0)
+    np.testing.assert_allclose(none(t(z), t(y)).numpy(), ref * own * np.where(y == 1, cb, 1.0), rtol=1e-6)
 
 
 def test_drw_rejects_bad_epochs_and_losses(counts):
@@ -394,6 +413,98 @@ def test_drw_rejects_bad_epochs_and_losses(counts):
         DRW(LDAMLoss([1, 2, 3]), counts, start_epoch=1)
     with pytest.raises(TypeError, match='DRW wraps a cxrlt.losses loss'):
         DRW(torch.nn.BCEWithLogitsLoss(), counts, start_epoch=1)
+    with pytest.raises(ValueError, match=r"DRW mode must be one of \('positive', 'column'\) \('positive': the "
+                                         r"class-balanced weight multiplies each class's positive term.*got 'pos'"):
+        DRW(BCELoss(), counts, start_epoch=1, mode='pos')
+    with pytest.raises(ValueError, match="DRW mode must be one of .* got 'Column'"):
+        make_loss('bce', counts, drw_start_epoch=1, drw_mode='Column')
+    with pytest.raises(ValueError, match="got None"):
+        make_loss('bce', counts, drw_mode=None)   # checked with or without DRW
+
+
+# ---------------------------------------------------------------- DRW's modes against independent references
+@pytest.mark.parametrize('reduction', ['mean', 'sum', 'none'])
+def test_drw_positive_is_bce_with_pos_weight(rng, counts, reduction):
+    "BCE in DRW ('positive', the default) once active is torch's BCE with pos_weight = the class-balanced weights."
+    z, y = batch(rng)
+    w = t(ref_cb_weights(counts, 0.999))
+    drw = DRW(BCELoss(reduction=reduction), counts, start_epoch=2, beta=0.999).set_epoch(2)
+    want = F.binary_cross_entropy_with_logits(t(z), t(y), pos_weight=w, reduction=reduction)
+    np.testing.assert_allclose(drw(t(z), t(y)).numpy(), want.numpy(), rtol=2e-7, atol=1e-12)
+    # 'column' is torch's BCE with weight = the class-balanced weights, broadcast over the rows
+    column = DRW(BCELoss(reduction=reduction), counts, start_epoch=2, beta=0.999, mode='column').set_epoch(2)
+    want = F.binary_cross_entropy_with_logits(t(z), t(y), weight=w[None, :], reduction=reduction)
+    np.testing.assert_allclose(column(t(z), t(y)).numpy(), want.numpy(), rtol=2e-7, atol=1e-12)
+    assert not np.allclose(drw(t(z), t(y)).numpy(), column(t(z), t(y)).numpy(), rtol=1e-3)
+
+
+def test_ldam_drw_positive_matches_a_float64_formula(rng, counts):
+    z = rng.uniform(-1, 1, (B, C))
+    y = (rng.random((B, C)) < 0.3).astype(np.float64)
+    own = f32_exact(rng, 0.5, 2)
+    s, margins, cb = 30.0, np.array(ref_margins(counts, 0.5)), np.array(ref_cb_weights(counts, 0.9999))
+    per_element = y * np.log1p(np.exp(-s * (z - margins))) + (1 - y) * np.log1p(np.exp(s * z))
+    want = (own * (1 + y * (cb - 1)) * per_element).mean()
+    loss = make_loss('ldam_drw', counts, drw_start_epoch=0, weight=own)
+    np.testing.assert_allclose(loss(t(z), t(y)).item(), want, rtol=2e-6)
+    column = make_loss('ldam_drw', counts, drw_start_epoch=0, weight=own, drw_mode='column')
+    np.testing.assert_allclose(column(t(z), t(y)).item(), (own * cb * per_element).mean(), rtol=2e-6)
+
+
+def _minimise_constant_logits(loss, y):
+    "The constant logit per class minimising `loss` on labels `y`, by scipy's BFGS on the loss and its gradient."
+    def f(b):
+        bt = t(b).requires_grad_(True)
+        v = loss(bt.expand(y.shape[0], -1), t(y))
+        v.backward()
+        return v.item(), bt.grad.numpy()
+    res = scipy.optimize.minimize(f, np.zeros(y.shape[1]), jac=True, method='BFGS', options={'gtol': 1e-13})
+    return res.x
+
+
+@pytest.mark.parametrize('mode', [None, 'column'])   # None: the default, 'positive'
+def test_drw_constant_logit_optimum_matches_closed_form(mode):
+    """One constant logit per class fitted to n+ positives and n- negatives: 'positive' moves it to
+    logit(w n+ / (w n+ + n-)), 'column' leaves it at logit(n+ / (n+ + n-)), the unweighted optimum."""
+    n_pos, n = np.array([300, 60, 12, 3]), 400
+    y = (np.arange(n)[:, None] < n_pos[None, :]).astype(np.float64)
+    w = np.array(ref_cb_weights(n_pos, 0.999))
+    assert w.min() < 0.5 and w.max() > 2       # weights far from 1 both ways
+    drw = DRW(BCELoss(), n_pos, start_epoch=0, beta=0.999, **({} if mode is None else {'mode': mode}))
+    got = _minimise_constant_logits(drw, y)
+    n_neg = n - n_pos
+    want = special.logit(w * n_pos / (w * n_pos + n_neg)) if mode is None else special.logit(n_pos / n)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(_minimise_constant_logits(BCELoss(), y), special.logit(n_pos / n), rtol=0, atol=1e-5)
+
+
+def _adamw_cosine_head(loss, x, y, steps=100, seed=0):
+    from cxrlt.models import NormedLinear
+    torch.manual_seed(seed)
+    head = NormedLinear(x.shape[1], y.shape[1])
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-2)
+    init = head.weight.detach().clone()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss(head(x), y).backward()
+        opt.step()
+    return init, head.weight.detach().clone()
+
+
+def test_drw_column_weights_change_nothing_under_adamw_positive_weights_do():
+    """A cosine head trained from one seed with LDAM, LDAM-DRW (default 'positive') and LDAM-DRW 'column', DRW
+    active from the first step: AdamW is invariant to a per-row gradient scale, so 'column' ends where LDAM does."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 16, generator=g)
+    y = (torch.rand(256, 5, generator=g) < torch.tensor([0.5, 0.2, 0.08, 0.03, 0.01])).float()
+    y[0] = 1
+    counts = y.sum(0).numpy()
+    init, plain = _adamw_cosine_head(LDAMLoss(counts), x, y)
+    assert (plain - init).abs().max() > 0.1    # training moved the head
+    _, positive = _adamw_cosine_head(DRW(LDAMLoss(counts), counts, start_epoch=0), x, y)
+    assert (positive - plain).abs().max() > 1e-2
+    _, column = _adamw_cosine_head(DRW(LDAMLoss(counts), counts, start_epoch=0, mode='column'), x, y)
+    assert (column - plain).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize('name', list(LOSSES))
@@ -484,16 +595,57 @@ def test_logit_scale_gives_the_probabilities(rng, counts):
         loss = _build(name, counts, drw_start_epoch=1)
         k = 30.0 if name.startswith('ldam') else 1.0
         assert loss.logit_scale == k, name
-        p = loss.probabilities(t(z))
-        assert p.dtype == torch.float32, name   # as the predictions files store them, whatever the logits' dtype
-        np.testing.assert_allclose(p.double().numpy(), 1 / (1 + np.exp(-k * z)), rtol=0, atol=1e-6, err_msg=name)
+        for dtype in (torch.float64, torch.float32, torch.float16):
+            zt = t(z, dtype)
+            zd = zt.double().numpy()   # the logits as given, exactly
+            p, lo = loss.probabilities(zt), loss.log_odds(zt)
+            assert p.dtype == lo.dtype == torch.float64, (name, dtype)   # float64, whatever the logits' dtype
+            np.testing.assert_array_equal(lo.numpy(), k * zd, err_msg=name)
+            np.testing.assert_allclose(p.numpy(), 1 / (1 + np.exp(-k * zd)), rtol=1e-14, atol=0, err_msg=name)
+
+
+def _spread_cosines(rng, n, lo=0.56, hi=1.0):
+    "n float32 cosines spread over (lo, hi): one per cell of an n-cell grid, away from the cell edges, shuffled."
+    edges = np.linspace(lo, hi, n + 1)
+    z = edges[:-1] + (edges[1] - edges[0]) * rng.uniform(0.25, 0.75, n)
+    return rng.permutation(z).astype(np.float32)
+
+
+def test_confident_ldam_probabilities_do_not_tie(rng):
+    "Cosines above 0.555 all give sigmoid(30 z) = 1.0 in float32; in float64 they stay distinct and below 1."
+    n, c = 200, 4
+    z = np.stack([_spread_cosines(rng, n) for _ in range(c)], 1)                 # float32 cosine logits
+    y = (rng.random((n, c)) < (z - 0.56) / 0.44).astype(np.int64)                 # higher cosine, more positives
+    loss = LDAMLoss([1, 10, 100, 1000], s=30.0)
+    p = loss.probabilities(torch.from_numpy(z)).numpy()
+    assert p.dtype == np.float64
+    assert all(len(np.unique(p[:, j])) == n for j in range(c)), 'tied probabilities'
+    assert np.all(p < 1.0)
+    reference = special.expit(30.0 * z.astype(np.float64))                       # float64 sigmoid, in numpy
+    np.testing.assert_allclose(p, reference, rtol=1e-15, atol=0)
+    from cxrlt.metrics import average_precision_and_auc
+    ap = average_precision_and_auc(y, p)[0]                                       # the validation mAP's AP
+    ref_ap = np.array([average_precision_score(y[:, j], reference[:, j]) for j in range(c)])
+    np.testing.assert_allclose(ap, ref_ap, rtol=1e-12)
+    np.testing.assert_allclose([average_precision_score(y[:, j], p[:, j]) for j in range(c)], ref_ap, rtol=1e-12)
+    # the float32 path: every probability is exactly 1.0, so AP falls to the prevalence
+    p32 = torch.sigmoid(30.0 * torch.from_numpy(z)).numpy()
+    assert np.all(p32 == 1.0)
+    np.testing.assert_allclose(average_precision_and_auc(y, p32)[0], y.mean(0), rtol=1e-12)
+    assert np.all(ref_ap > y.mean(0) + 0.1)
 
 
 def test_drw_forwards_the_declarations(counts):
     drw = make_loss('ldam_drw', counts, drw_start_epoch=2, s=16)
     assert (drw.logit_scale, drw.preferred_head) == (16.0, 'normed')
-    drw = make_loss('asl', counts, drw_start_epoch=2)
-    assert (drw.logit_scale, drw.preferred_head) == (1.0, 'linear')
+    z = torch.tensor([[0.5, -0.25] * (C // 2)])
+    assert drw.log_odds(z).dtype == torch.float64 and torch.equal(drw.log_odds(z), 16.0 * z.double())
+    assert torch.equal(drw.probabilities(z), torch.sigmoid(16.0 * z.double()))
+    assert drw.start_epoch == 2 and drw.mode == 'positive'
+    assert drw.extra_repr() == "mode='positive', start_epoch=2, beta=0.9999, epoch=0, active=False"
+    drw = make_loss('asl', counts, drw_start_epoch=2, drw_mode='column')
+    assert (drw.logit_scale, drw.preferred_head, drw.mode) == (1.0, 'linear', 'column')
+    assert DRW_MODES == ('positive', 'column')
 
 
 def test_registration_checks_names_and_declarations(monkeypatch):
@@ -582,8 +734,12 @@ def test_all_zero_label_rows(rng, counts, name):
     loss = _build(name, counts, drw_start_epoch=0)(zt, t(y))
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(zt.grad).all()
-    np.testing.assert_allclose(loss.item(), reduce(_reference(name, z, y, counts), ref_cb_weights(counts, 0.9999),
-                                                   _build(name, counts, drw_start_epoch=0).reduction), rtol=2e-6)
+    red = _build(name, counts, drw_start_epoch=0).reduction
+    # 'positive' (the default) weights only positives: a row without any keeps the unweighted loss
+    np.testing.assert_allclose(loss.item(), reduce(_reference(name, z, y, counts), None, red), rtol=2e-6)
+    column = _build(name, counts, drw_start_epoch=0, drw_mode='column')(t(z), t(y))
+    np.testing.assert_allclose(column.item(), reduce(_reference(name, z, y, counts), ref_cb_weights(counts, 0.9999),
+                                                     red), rtol=2e-6)
 
 
 def test_half_precision_logits_are_computed_in_float32(rng):

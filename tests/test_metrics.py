@@ -251,7 +251,8 @@ def test_paired_bootstrap():
     assert abs(r['difference'] - (ap(good) - ap(noise))) < TOL and abs(r['a'] - ap(good)) < TOL
     assert r['a_beats_b'] and r['low'] > 0 and r['p_value'] < 0.01
     rev = paired_bootstrap(y, noise, good, n_bootstrap=300, seed=5)
-    assert not rev['a_beats_b'] and rev['high'] < 0 and rev['p_value'] > 0.99
+    # the p-value is two-sided (under the null, by centring): the same either way round
+    assert not rev['a_beats_b'] and rev['high'] < 0 and rev['p_value'] == r['p_value'] < 0.01
     assert abs(rev['low'] + r['high']) < TOL and abs(rev['high'] + r['low']) < TOL   # same resamples, sign flipped
     # a near-identical run does not "beat" the original
     jitter = np.clip(good + np.random.default_rng(1).normal(0, 1e-3, good.shape), 0, 1)
@@ -272,6 +273,163 @@ def test_paired_bootstrap_difference_per_replicate_equals_sklearn():
         diffs.append(np.mean([average_precision_score(y[rows, c], a[rows, c])
                               - average_precision_score(y[rows, c], b[rows, c]) for c in range(3)]))
     assert abs(r['low'] - np.quantile(diffs, 0.25)) < TOL and abs(r['high'] - np.quantile(diffs, 0.75)) < TOL
+
+
+def explicit_resamples(n, patient_ids, n_bootstrap, seed):
+    "Rows of each replicate drawn by hand with numpy's default_rng: patients (in order of first appearance) or images."
+    rng = np.random.default_rng(seed)
+    if patient_ids is None:
+        for _ in range(n_bootstrap): yield rng.integers(0, n, n)
+        return
+    pid = np.asarray(patient_ids)
+    rows_of = [np.flatnonzero(pid == q) for q in dict.fromkeys(pid.tolist())]
+    for _ in range(n_bootstrap):
+        yield np.concatenate([rows_of[i] for i in rng.integers(0, len(rows_of), len(rows_of))])
+
+
+def macro_ap(y, p, classes):
+    "Macro AP with scikit-learn (float64) over the given classes."
+    return np.mean([average_precision_score(y[:, c], p.astype(np.float64)[:, c]) for c in classes])
+
+
+def one_patient_class_data(seed, n_patients=120, prevalence=(0.3, 0.2, 0.1)):
+    "Two images per patient; the last class's positives are the two images of patient 7 only."
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(n_patients), 2)
+    y = np.c_[(rng.random((len(pid), len(prevalence))) < prevalence).astype(int), pid == 7]
+    return y, pid, rng
+
+
+def test_paired_bootstrap_p_value_under_the_null_equals_explicit_loop():
+    y, pid, rng = one_patient_class_data(seed=29)
+    C = y.shape[1]
+    pa, pb = (np.clip(0.25 * y + 0.75 * rng.random(y.shape), 0, 1) for _ in range(2))   # runs of the same quality
+    B, seed = 150, 3
+    r = paired_bootstrap(y, pa, pb, patient_ids=pid, n_bootstrap=B, seed=seed)
+    d_hat = macro_ap(y, pa, range(C)) - macro_ap(y, pb, range(C))
+    ref, lost = [], []
+    for rows in explicit_resamples(len(y), pid, B, seed):
+        keep = [c for c in range(C) if y[rows, c].any()]   # the same classes in both runs' means
+        ref.append(macro_ap(y[rows], pa[rows], keep) - macro_ap(y[rows], pb[rows], keep))
+        lost.append(len(keep) < C)
+    ref, lost = np.array(ref), np.array(lost)
+    assert abs(r['difference'] - d_hat) < TOL
+    p_ref = (1 + np.sum(np.abs(ref - d_hat) >= abs(d_hat))) / (1 + B)
+    assert r['p_value'] == p_ref and 0.02 < p_ref < 0.9
+    # replicates on both sides lie at least |d| from d: the two-sided count, not P(d* <= 0), decides the value
+    assert np.sum(ref - d_hat >= abs(d_hat)) > 0 and np.sum(ref - d_hat <= -abs(d_hat)) > 0
+    assert paired_bootstrap(y, pb, pa, patient_ids=pid, n_bootstrap=B, seed=seed)['p_value'] == p_ref
+    assert r['p_value_method'].startswith('two-sided, under the null')
+    np.testing.assert_allclose(r['replicate_differences'], ref, rtol=0, atol=1e-12)
+    assert abs(r['low'] - np.quantile(ref, 0.025)) < TOL and abs(r['high'] - np.quantile(ref, 0.975)) < TOL
+    assert r['n_replicates_losing_a_class'] == lost.sum() > 0
+    assert r['replicates_lost_by_class'] == {'class_3': lost.sum()} and r['n_replicates_used'] == B
+    # 'drop': the same replicates less those that lost class_3
+    rd = paired_bootstrap(y, pa, pb, patient_ids=pid, n_bootstrap=B, seed=seed, lost_classes='drop')
+    np.testing.assert_allclose(rd['replicate_differences'], ref[~lost], rtol=0, atol=1e-12)
+    assert rd['n_replicates_used'] == (~lost).sum() and rd['difference'] == r['difference']
+    assert abs(rd['low'] - np.quantile(ref[~lost], 0.025)) < TOL
+    assert rd['p_value'] == (1 + np.sum(np.abs(ref[~lost] - d_hat) >= abs(d_hat))) / (1 + (~lost).sum())
+
+
+def test_paired_bootstrap_identical_runs_give_p_1():
+    y, p = make_data(21, n=200, n_classes=5, prevalence=[0.4, 0.3, 0.2, 0.1, 0.05])
+    for patients in (None, np.arange(200) // 4):
+        r = paired_bootstrap(y, p, p.copy(), patient_ids=patients, n_bootstrap=100, seed=1)
+        assert r['difference'] == 0 and r['low'] == r['high'] == 0 and r['p_value'] == 1.0 and not r['a_beats_b']
+
+
+def test_paired_bootstrap_strongly_better_run_gives_smallest_p():
+    y, good = make_data(22, n=400, n_classes=5, prevalence=[0.4, 0.3, 0.2, 0.1, 0.05])
+    noise = np.random.default_rng(2).random(good.shape)
+    for metric in ('mAP', 'mAUC'):
+        r = paired_bootstrap(y, good, noise, metric=metric, n_bootstrap=250, seed=4)
+        assert r['p_value'] == 1 / 251 and r['a_beats_b']
+
+
+def test_paired_bootstrap_p_values_under_a_simulated_null_are_not_concentrated_near_0():
+    p_values = []
+    for seed in range(40):
+        rng = np.random.default_rng(1000 + seed)
+        y = (rng.random((200, 4)) < [0.4, 0.3, 0.2, 0.15]).astype(int)
+        same_quality = [np.clip(0.3 * y + 0.7 * rng.random(y.shape), 0, 1) for _ in range(2)]  # independent noise
+        p_values.append(paired_bootstrap(y, *same_quality, n_bootstrap=200, seed=seed)['p_value'])
+    p_values = np.array(p_values)
+    assert np.mean(p_values < 0.05) < 0.15, np.sort(p_values)
+    assert 0.25 < np.median(p_values) < 0.75, np.sort(p_values)   # spread over (0, 1), as a p-value under the null
+
+
+def test_paired_bootstrap_ece_equals_explicit_resampling():
+    rng = np.random.default_rng(23)
+    calibrated = rng.random((300, 4)) * 0.6
+    y = (rng.random((300, 4)) < calibrated).astype(int)
+    too_low = calibrated ** 2
+    pid = np.arange(300) // 3
+    r = paired_bootstrap(y, calibrated, too_low, metric='ECE', patient_ids=pid, n_bootstrap=60, seed=2, n_bins=10)
+    ece = lambda yy, pp: expected_calibration_error(yy, pp, n_bins=10)
+    assert abs(r['difference'] - (ece(y, calibrated) - ece(y, too_low))) < TOL and abs(r['b'] - ece(y, too_low)) < TOL
+    ref = [ece(y[rows], calibrated[rows]) - ece(y[rows], too_low[rows])
+           for rows in explicit_resamples(300, pid, 60, 2)]
+    np.testing.assert_allclose(r['replicate_differences'], ref, rtol=0, atol=1e-12)
+    # lower is better: a negative difference means A is better calibrated, and A beats B
+    assert r['difference'] < 0 and r['high'] < 0 and r['a_beats_b'] and r['higher_is_better'] is False
+    rev = paired_bootstrap(y, too_low, calibrated, metric='ECE', patient_ids=pid, n_bootstrap=60, seed=2, n_bins=10)
+    assert rev['low'] > 0 and not rev['a_beats_b'] and rev['p_value'] == r['p_value'] == 1 / 61
+    with pytest.raises(ValueError, match="metric must be 'mAP', 'mAUC', 'mF1' or 'ECE', got 'AP'"):
+        paired_bootstrap(y, calibrated, too_low, metric='AP')
+
+
+def test_lost_classes_counted_named_and_dropped(tmp_path):
+    y, p = make_data(30, n=300, prevalence=np.r_[np.geomspace(0.4, 0.05, 29), 0])   # 30 columns: CLASSES
+    pid = np.arange(300) // 3
+    y[pid == 42, 29] = 1                                  # the last class: the three images of patient 42 only
+    B, seed = 100, 6
+    lost, maps = [], []
+    for rows in explicit_resamples(300, pid, B, seed):    # the explicit count over the same resamples
+        lost.append(y.any(0) & ~y[rows].any(0))
+        maps.append(macro_ap(y[rows], p[rows], np.flatnonzero(y[rows].any(0))))
+    lost, maps = np.array(lost), np.array(maps)
+    by_class = {CLASSES[c]: int(k) for c, k in enumerate(lost.sum(0)) if k}
+    kept = ~lost.any(1)
+    assert CLASSES[29] in by_class and 0.5 * B < kept.sum() < B
+    ci = bootstrap_ci(y, p, patient_ids=pid, n_bootstrap=B, seed=seed)
+    assert ci.attrs['replicates_lost_by_class'] == by_class and ci.attrs['lost_classes'] == 'exclude'
+    assert ci.attrs['n_replicates_losing_a_class'] == ci.attrs['replicates_excluding_more_classes'] == (~kept).sum()
+    assert ci.attrs['n_replicates_used'] == B and abs(ci.loc['mAP', 'low'] - np.quantile(maps, 0.025)) < TOL
+    drop = bootstrap_ci(y, p, patient_ids=pid, n_bootstrap=B, seed=seed, lost_classes='drop')
+    assert drop.attrs['replicates_lost_by_class'] == by_class and drop.attrs['n_replicates_used'] == kept.sum()
+    assert abs(drop.loc['mAP', 'low'] - np.quantile(maps[kept], 0.025)) < TOL
+    assert abs(drop.loc['mAP', 'high'] - np.quantile(maps[kept], 0.975)) < TOL
+    assert drop.loc['mAP', 'low'] != ci.loc['mAP', 'low'] and drop.loc['mAP', 'estimate'] == ci.loc['mAP', 'estimate']
+    reps = bootstrap_replicates(y, p, patient_ids=pid, n_bootstrap=B, seed=seed, lost_classes='drop')
+    assert reps.index.tolist() == np.flatnonzero(kept).tolist()
+    np.testing.assert_allclose(reps.mAP, maps[kept], rtol=0, atol=TOL)
+    ev = evaluate(y, p, patient_ids=pid, n_bootstrap=B, seed=seed, lost_classes='drop')
+    assert ev.summary['bootstrap']['replicates_lost_by_class'] == by_class
+    assert ev.summary['ci']['mAP'] == [drop.loc['mAP', 'low'], drop.loc['mAP', 'high']]
+    saved = json.loads((ev.save(tmp_path) / 'metrics.json').read_text())
+    assert saved['bootstrap']['replicates_lost_by_class'] == by_class
+    # evaluate names the classes as it was told to
+    named = evaluate(y[:, 27:], p[:, 27:], classes=['a', 'b', 'c'], patient_ids=pid, n_bootstrap=B, seed=seed)
+    assert named.summary['bootstrap']['replicates_lost_by_class'] == {'c': by_class[CLASSES[29]]}
+
+
+def test_drop_refuses_when_fewer_than_half_the_replicates_survive():
+    pid = np.repeat(np.arange(40), 2)
+    y = np.zeros((80, 3), int)
+    for c in range(3): y[pid == c + 1, c] = 1             # each class in one patient of 40
+    p = np.random.default_rng(0).random(y.shape)
+    survivors = sum(bool(y[rows].any(0).all()) for rows in explicit_resamples(80, pid, 100, 0))
+    assert survivors < 50
+    msg = rf"lost_classes='drop' keeps only {survivors} of 100 replicates \(fewer than half\)"
+    with pytest.raises(ValueError, match=msg):
+        bootstrap_ci(y, p, patient_ids=pid, n_bootstrap=100, lost_classes='drop')
+    with pytest.raises(ValueError, match=msg):
+        paired_bootstrap(y, p, p ** 2, patient_ids=pid, n_bootstrap=100, lost_classes='drop')
+    assert bootstrap_ci(y, p, patient_ids=pid, n_bootstrap=100).attrs['n_replicates_used'] == 100
+    for f in (bootstrap_ci, bootstrap_replicates, evaluate):
+        with pytest.raises(ValueError, match="lost_classes must be 'exclude' or 'drop', got 'ignore'"):
+            f(y, p, lost_classes='ignore')
 
 
 # ---------------------------------------------------------------- input checks, saving, plotting

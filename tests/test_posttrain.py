@@ -50,15 +50,16 @@ def run(tiny):
 # --- feature cache and cRT -------------------------------------------------------------------------------------
 
 def test_feature_cache_matches_the_backbone_and_is_built_once(run, monkeypatch):
-    folder = pt.feature_cache(run, progress=False)
-    assert sorted(p.name for p in folder.iterdir()) == ['features.json', 'index.csv', 'test.npy', 'test_labels.npy',
-                                                        'train.npy', 'train_labels.npy', 'val.npy', 'val_labels.npy']
+    folder = pt.feature_cache(run, progress=False, train_views=0)   # un-augmented (augmented views: tests/test_crt.py)
+    assert sorted(p.name for p in folder.iterdir()) == ['dev.npy', 'dev_labels.npy', 'features.json', 'index.csv',
+                                                        'test.npy', 'test_labels.npy', 'train.npy', 'train_labels.npy',
+                                                        'val.npy', 'val_labels.npy']
     assert not (run/'features.partial').exists()
     meta = json.loads((folder/'features.json').read_text())
     assert meta['status'] == 'complete' and meta['fingerprint']['sha256'] == pt.file_sha256(run/'best.pt')
     # the cached features are the best model's pooled features, image by image, in the dataset's order
     model, data = Run(run).best_model(), Run(run).datasets()
-    for split in ('train', 'val', 'test'):
+    for split in ('train', 'val', 'dev', 'test'):
         f = pt.load_features(run, split)
         assert f['image_ids'] == data[split]['table'].ImageID.tolist()
         np.testing.assert_array_equal(f['labels'], data[split]['labels'])
@@ -69,7 +70,7 @@ def test_feature_cache_matches_the_backbone_and_is_built_once(run, monkeypatch):
     # a second call finds the cache and does not run the model (feature_cache looks extract_features up in its module)
     monkeypatch.setattr(cxrlt.posttrain.retrain, 'extract_features',
                         lambda *a, **k: pytest.fail('the backbone ran again'))
-    assert pt.feature_cache(run, progress=False) == folder
+    assert pt.feature_cache(run, progress=False, train_views=0) == folder
 
 
 def test_feature_cache_resumes_and_follows_the_checkpoint(run, tmp_path, monkeypatch):
@@ -81,19 +82,20 @@ def test_feature_cache_resumes_and_follows_the_checkpoint(run, tmp_path, monkeyp
         if desc == 'features val': raise KeyboardInterrupt
         return real(model, dataset, *a, desc=desc, **k)
     monkeypatch.setattr(cxrlt.posttrain.retrain, 'extract_features', interrupted)
-    with pytest.raises(KeyboardInterrupt): pt.feature_cache(copy, progress=False)
+    with pytest.raises(KeyboardInterrupt): pt.feature_cache(copy, progress=False, train_views=0)
     assert not (copy/'features').exists() and (copy/'features.partial'/'train.npy').exists()
     with pytest.raises(FileNotFoundError, match='has no feature cache'): pt.load_features(copy, 'train')
     monkeypatch.setattr(cxrlt.posttrain.retrain, 'extract_features',
                         lambda m, d, *a, desc='', **k: calls.append(desc) or real(m, d, *a, desc=desc, **k))
-    pt.feature_cache(copy, progress=False)
-    assert calls == ['features train', 'features val', 'features val', 'features test']   # train was not computed again
+    pt.feature_cache(copy, progress=False, train_views=0)
+    assert calls == ['features train', 'features val', 'features val', 'features dev',
+                     'features test']   # train was not computed again
     # a new best.pt makes the cache stale: loading refuses it, building replaces it
     ck = torch.load(copy/'best.pt', weights_only=True)
     ck['epoch'] += 100
     torch.save(ck, copy/'best.pt')
     with pytest.raises(RuntimeError, match='computed from another best.pt'): pt.load_features(copy, 'val')
-    pt.feature_cache(copy, progress=False)
+    pt.feature_cache(copy, progress=False, train_views=0)
     assert pt.load_features(copy, 'val')['features'].shape[0] == len(pt.load_features(run, 'val')['image_ids'])
     assert sorted(p.name for p in copy.iterdir() if p.name.startswith('features')) == ['features']
 
@@ -147,10 +149,11 @@ def test_crt_tta_averages_the_flip_through_the_crt_model(run):
     f = pt.read_predictions(out)
     assert sorted(_row_keys(f)) == sorted(_row_keys(pt.read_predictions(run/'predictions.csv')))
     params = json.loads(out.with_suffix('.json').read_text())['params']
-    assert params == {'step': 'cRT+TTA', 'run': str(run), 'views': ['identity', 'hflip']}
+    assert params == {'step': 'cRT+TTA', 'run': str(run), 'views': ['identity', 'hflip'],
+                      'classifier': str(Path(r['classifier'])), 'log_odds_scale': 1.0, 'fitted_on': 'train'}
     # each row: the mean of the probabilities of the image and of its mirror through the cRT model (an independent pass)
     model, data = pt.load_crt_model(run, Path(r['classifier'])), Run(run).datasets()
-    for split in ('val', 'test'):
+    for split in ('val', 'dev', 'test'):
         x = torch.stack([data[split]['dataset'][i][0] for i in range(3)])
         with torch.no_grad(): p = ((torch.sigmoid(model(x)) + torch.sigmoid(model(x.flip(-1)))) / 2).double().numpy()
         rows = f[f.split == split].set_index('ImageID').loc[data[split]['table'].ImageID[:3], CLASSES].to_numpy()

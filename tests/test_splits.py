@@ -40,18 +40,20 @@ def positive_patients(df, key='patient_key'):
 
 def test_split_of_all_padchest_is_patient_safe_and_stratified(padchest_table):
     df = padchest_table
-    split = patient_split(df, val_fraction=0.1, seed=0)
+    split = patient_split(df, val_fraction=0.1, dev_fraction=0.1, seed=0)
     assert split.index.tolist() == df['ImageID'].tolist()
     # zero shared patients
     assert df.assign(s=split.to_numpy()).groupby('patient_key')['s'].nunique().max() == 1
-    # every class with >= 2 positive patients has positives in val (and train)
+    # every class with >= 3 positive patients has positives in train, val and dev
     pp = df.assign(s=split.to_numpy()).groupby('patient_key').agg({**{c: 'max' for c in CLASSES}, 's': 'first'})
     for c in CLASSES:
         n = pp[c].sum()
-        if n >= 2: assert pp.loc[pp['s'] == 'val', c].sum() >= 1 and pp.loc[pp['s'] == 'train', c].sum() >= 1, c
-        if n >= 200: assert abs(pp.loc[pp['s'] == 'val', c].sum() / n - 0.1) < 0.01, c   # stratified, not just covered
-    assert abs((pp['s'] == 'val').mean() - 0.1) < 0.002
-    assert abs((split == 'val').mean() - 0.1) < 0.01
+        if n >= 3: assert all(pp.loc[pp['s'] == s, c].sum() >= 1 for s in ('train', 'val', 'dev')), c
+        for s in ('val', 'dev'):   # stratified, not just covered
+            if n >= 200: assert abs(pp.loc[pp['s'] == s, c].sum() / n - 0.1) < 0.01, (c, s)
+    for s in ('val', 'dev'):
+        assert abs((pp['s'] == s).mean() - 0.1) < 0.002
+        assert abs((split == s).mean() - 0.1) < 0.01
 
 
 def test_split_rare_classes_deterministic_and_coarse_key():
@@ -63,11 +65,13 @@ def test_split_rare_classes_deterministic_and_coarse_key():
     df['patient_key'] = [f'P{i // 2}' for i in range(2 * n)]
     for c, pats in [('Hernia', [5, 9]), ('Mass', [11, 12, 13]), ('fracture', [20])]:
         df[c] = df['patient_key'].isin([f'P{p}' for p in pats]).astype(np.int8)
-    split = patient_split(df, 0.1, seed=3)
-    for c in ['Hernia', 'Mass']:
+    def subsets_of(split, c):
         positive = df.loc[df[c] == 1]
-        got = positive.assign(s=split[positive['ImageID']].to_numpy()).groupby('patient_key')['s'].first()
-        assert set(got) == {'train', 'val'}, c
+        return set(positive.assign(s=split[positive['ImageID']].to_numpy()).groupby('patient_key')['s'].first())
+    two_way = patient_split(df, 0.1, dev_fraction=0, seed=3)
+    assert subsets_of(two_way, 'Hernia') == subsets_of(two_way, 'Mass') == {'train', 'val'}
+    split = patient_split(df, 0.1, seed=3)   # three-way: a class with 3 positive patients reaches every subset
+    assert subsets_of(split, 'Mass') == {'train', 'val', 'dev'}
     assert split.equals(patient_split(df, 0.1, seed=3)) and not split.equals(patient_split(df, 0.1, seed=4))
     # the challenge's coarse PatientID can be used as the key, on request
     coarse = df.assign(PatientID=[f'{1 + (i // 20) % 9}.00E+38' for i in range(2 * n)])
@@ -105,7 +109,7 @@ def test_iterative_stratification_hits_the_desired_counts():
 def test_split_check_and_persistence(tmp_path):
     df = pd.DataFrame({'ImageID': [f'i{i}.png' for i in range(60)], 'patient_key': [f'P{i // 3}' for i in range(60)]})
     for j, c in enumerate(CLASSES): df[c] = ((np.arange(60) // 3 + j) % 4 == 0).astype(np.int8)
-    split = patient_split(df, 0.25, seed=0)
+    split = patient_split(df, 0.25, dev_fraction=0, seed=0)
     table = check_patient_split(df, split)
     ref = positive_patients(df)
     assert table['patients'].tolist() == ref.sum().tolist()
@@ -117,18 +121,20 @@ def test_split_check_and_persistence(tmp_path):
         check_patient_split(df, split.drop('i5.png'))
     # persistence: the same split comes back; other parameters or images are refused
     path = tmp_path / 'splits' / 'split.csv'
-    made = load_or_make_split(df, path, val_fraction=0.25, seed=0)
+    made = load_or_make_split(df, path, val_fraction=0.25, dev_fraction=0, seed=0)
     assert made.equals(split)
     assert path.read_text().splitlines()[0] == 'ImageID,split'
-    assert load_json(path.with_suffix('.json'))['params'] == {'kind': 'split', 'val_fraction': 0.25, 'seed': 0,
-                                                             'key': 'patient_key'}
+    assert load_json(path.with_suffix('.json'))['params'] == {'kind': 'split', 'val_fraction': 0.25,
+                                                             'dev_fraction': 0, 'seed': 0, 'key': 'patient_key'}
     path.write_text(path.read_text() + 'removed_later.png,train\n')
-    assert load_or_make_split(df, path, val_fraction=0.25, seed=0).tolist() == split.tolist()
+    assert load_or_make_split(df, path, val_fraction=0.25, dev_fraction=0, seed=0).tolist() == split.tolist()
     with pytest.raises(ValueError, match=r"saved vs asked: \{'val_fraction': \(0.25, 0.1\)\}"):
-        load_or_make_split(df, path, val_fraction=0.1, seed=0)
+        load_or_make_split(df, path, val_fraction=0.1, dev_fraction=0, seed=0)
+    with pytest.raises(ValueError, match=r"saved vs asked: \{'dev_fraction': \(0, 0.1\)\}"):
+        load_or_make_split(df, path, val_fraction=0.25, seed=0)   # a two-way split file is not silently reused
     more = pd.concat([df, df.iloc[:1].assign(ImageID='late.png', patient_key='Pz')], ignore_index=True)
     with pytest.raises(ValueError, match=r"no subset for 1 images of the table \(e.g. 'late.png'\)"):
-        load_or_make_split(more, path, 0.25, seed=0)
+        load_or_make_split(more, path, 0.25, 0, seed=0)
     folds = patient_folds(df, k=4, seed=1)
     back = load_split(save_split(folds, tmp_path / 'folds.csv'))
     assert back.tolist() == folds.tolist() and back.name == 'fold' and back.attrs['params']['k'] == 4

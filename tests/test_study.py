@@ -36,6 +36,21 @@ def test_failing_row_is_recorded_and_others_finish(smoke_table):
     assert set(res.row) == {3, 4}
     assert {'AP', 'AUC', 'F1', 'ECE'} <= set(res.metric)
     assert res[(res.split == 'val') & (res.metric == 'AP')].ci_low.notna().all()
+    dev = res[(res.split == 'dev') & (res.metric == 'AP')]   # every row is scored on the held-out dev patients
+    assert sorted(dev.row) == [3, 4] and dev.ci_low.notna().all()
+    r3 = json.loads((out/'rows'/'row03'/'result.json').read_text())
+    assert r3['best_epoch_phase'] in ('before DRW', 'after DRW') and r3['drw_start_epoch'] == 1
+
+
+def test_claims_are_tested_on_dev(smoke_table):
+    "The one claim rows 3 and 4 can test (cRT improves LDAM-DRW), on dev, with a finite interval around the difference."
+    from cxrlt.study import paper_claims
+    out, _ = smoke_table
+    c = paper_claims(out, n_bootstrap=20)
+    assert c['rows'].tolist() == ['4 vs 3'] and c['metric'].tolist() == ['AP']
+    assert c.ci_low[0] <= c['ours Δ'][0] <= c.ci_high[0] and c.verdict[0] in ('holds', 'contradicted', 'inconclusive')
+    on_val = paper_claims(out, n_bootstrap=20, split='val')
+    assert on_val['ours Δ'][0] != c['ours Δ'][0]   # dev and val are other patients
 
 
 def test_rerun_skips_finished_rows(smoke_table):

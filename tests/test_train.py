@@ -97,6 +97,11 @@ def test_two_processes_match_one(tiny):
     assert np.abs(p1[logits].to_numpy() - p2[logits].to_numpy()).max() < 1e-3  # stated tolerance: float summation order
     m1, m2 = (json.loads((tiny/d/'row'/'metrics.json').read_text())['val']['mAP'] for d in ('one', 'two'))
     assert abs(m1 - m2) < 1e-3
+    # every rank keeps its own generators (distinct augmentation streams), one set per process in last.pt
+    from cxrlt.core import load_checkpoint
+    rngs = load_checkpoint(tiny/'two'/'row'/'last.pt')['rng']
+    assert len(rngs) == 2 and not torch.equal(rngs[0]['torch'], rngs[1]['torch'])
+    assert len(load_checkpoint(tiny/'one'/'row'/'last.pt')['rng']) == 1
 
 
 def test_bad_config_key_is_refused(tiny, tmp_path):
@@ -105,14 +110,23 @@ def test_bad_config_key_is_refused(tiny, tmp_path):
     assert r.returncode != 0 and "unknown key 'learning_rate'" in r.stderr
 
 
-def epochs_before_stopping(val_map, patience:int, max_epochs:int) -> int:
-    "Reference early stopping: stop once `patience` epochs in a row have not beaten the best validation mAP."
+def epochs_before_stopping(val_map, patience:int, max_epochs:int, drw_start_epoch:int=None) -> int:
+    """Reference early stopping: stop once `patience` epochs in a row have not beaten the best validation mAP;
+    with DRW from (0-based) epoch d, never before epoch d runs, and the count starts again there."""
     best, bad = -np.inf, 0
-    for n, v in enumerate(val_map, 1):
+    for n, v in enumerate(val_map, 1):   # n epochs have run; the next one is 0-based epoch n
         if v > best: best, bad = v, 0
         else: bad += 1
-        if bad >= patience or n == max_epochs: return n
+        if n == drw_start_epoch: bad = 0
+        waiting = drw_start_epoch is not None and n < drw_start_epoch
+        if (bad >= patience and not waiting) or n == max_epochs: return n
     return len(val_map)
+
+
+def test_reference_early_stopping_waits_for_drw():
+    "The reference itself: without DRW it stops at the first patience run; with DRW it waits, then counts afresh."
+    assert epochs_before_stopping([0.5, 0.4, 0.3, 0.6, 0.2, 0.1], 1, 6) == 2
+    assert epochs_before_stopping([0.5, 0.4, 0.3, 0.6, 0.2, 0.1], 1, 6, drw_start_epoch=3) == 5
 
 
 def test_the_ema_weights_are_what_is_kept(tiny, tmp_path):
@@ -136,12 +150,65 @@ def test_options_of_a_long_run(tiny, tmp_path):
     run = tmp_path/'opts'/'row'
     h = pd.read_csv(run/'history.csv')
     m = json.loads((run/'metrics.json').read_text())
-    assert m['epochs_run'] == len(h) == epochs_before_stopping(h.val_mAP.tolist(), patience=1, max_epochs=6)
+    assert m['epochs_run'] == len(h) == epochs_before_stopping(h.val_mAP.tolist(), patience=1, max_epochs=6,
+                                                               drw_start_epoch=2)
+    assert len(h) >= 3   # early stopping never ends a run before DRW has started
+    assert h.drw.tolist() == [e > 2 for e in h.epoch]   # DRW is on from (1-based) epoch 3
+    assert m['best_epoch_phase'] == ('after DRW' if m['best_epoch'] > 2 else 'before DRW')
+    assert m['selected_on'] == 'val' and m['dev'] is not None and m['dev']['mAP'] >= 0
     best = load_checkpoint(run/'best.pt')
     last = load_checkpoint(run/'last.pt')
     assert best['epoch'] == m['best_epoch'] == int(h.val_mAP.idxmax()) + 1
     assert set(last['ema']) == set(last['model'])
     p = pd.read_csv(run/'predictions.csv')
-    s = 30.0  # LDAM's scale: probabilities are sigmoid(s * cosine logits)
+    # the logit columns hold what LDAM trains, s·cosine (|s·z| <= 30), and the probabilities are their sigmoid
     logits = p[[f'logit:{c}' for c in CLASSES]].to_numpy()
-    assert np.allclose(p[CLASSES].to_numpy(), 1 / (1 + np.exp(-s * logits)), atol=1e-6)
+    assert np.abs(logits).max() <= 30 + 1e-9 and np.abs(logits).max() > 1
+    assert np.allclose(p[CLASSES].to_numpy(), 1 / (1 + np.exp(-logits)), rtol=0, atol=1e-12)
+    assert set(p.split) == {'val', 'dev'}
+
+
+# ---------------------------------------------------------------- pieces of the loop, against hand references
+
+def test_a_short_last_accumulation_group_is_the_mean_of_its_own_batches():
+    "3 micro-batches with accum_steps=2: the second step is batch 2's gradient alone, not half of it."
+    from cxrlt.train import train_one_epoch
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(6, 6, generator=g), (torch.rand(6, 3, generator=g) > 0.5).float()
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(6, 3)
+    for group in ([slice(0, 2), slice(2, 4)], [slice(4, 6)]):   # plain SGD steps on each group's mean gradient
+        ref.zero_grad()
+        losses = [torch.nn.functional.binary_cross_entropy_with_logits(ref(x[b]), y[b]) for b in group]
+        torch.stack(losses).mean().backward()
+        with torch.no_grad():
+            for q in ref.parameters(): q -= 0.5 * q.grad
+    torch.manual_seed(0)
+    m = torch.nn.Linear(6, 3)
+    opt = torch.optim.SGD(m.parameters(), lr=0.5)
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=2)
+    train_one_epoch(m, dl, torch.nn.BCEWithLogitsLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                    device=torch.device('cpu'), accum_steps=2, progress=False)
+    for a, b in zip(m.parameters(), ref.parameters()): assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_sum_reduced_loss_is_reported_per_image_in_training_and_validation():
+    "ASL (reduction='sum'): the train loss over batches of 4 and 2 and the validation loss are both sum / images."
+    import contextlib
+    from cxrlt.labels import class_groups
+    from cxrlt.losses import AsymmetricLoss
+    from cxrlt.train import TrainConfig, _validate, train_one_epoch
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(6, 8, generator=g), (torch.rand(6, 30, generator=g) < 0.4).float()
+    torch.manual_seed(0)
+    m = torch.nn.Linear(8, 30)
+    with torch.no_grad(): per_image = AsymmetricLoss()(m(x), y).item() / len(x)
+    opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    r = train_one_epoch(m, dl, AsymmetricLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                        device=torch.device('cpu'), progress=False)
+    assert r['train_loss'] == pytest.approx(per_image, rel=1e-5)
+    v = _validate(m, AsymmetricLoss(), torch.utils.data.TensorDataset(x, y), y.numpy(),
+                  class_groups(y.sum(0).numpy(), len(y)), TrainConfig(progress=False), 0, 1, torch.device('cpu'),
+                  contextlib.nullcontext)
+    assert v['val_loss'] == pytest.approx(per_image, rel=1e-5)

@@ -9,8 +9,9 @@ __all__ = ['LOGIT_COLUMNS', 'SPLIT_NAMES', 'PredictionFileError', 'read_predicti
            'mean_probability_log_odds', 'rank_average', 'simplex_grid', 'fit_ensemble_weights', 'ensemble', 'TTA_VIEWS',
            'parse_tta_view', 'black_level', 'tta_views', 'merge_views', 'tta_log_odds', 'tta_predictions',
            'FEATURES_FORMAT', 'train_classifier', 'tau_normalize', 'extract_features', 'checkpoint_fingerprint',
-           'feature_cache', 'load_features', 'crt', 'load_crt_model', 'crt_tta_predictions', 'CODE_MAX_BYTES',
-           'SubmissionError', 'validate_submission', 'submission_table', 'code_files', 'write_submission', 'submit_cli']
+           'feature_cache', 'load_features', 'crt', 'load_crt_model', 'crt_tta_predictions', 'LOSS_COUNTS',
+           'CRT_TRAIN_VIEWS', 'TAU_GRID', 'tau_norm', 'CODE_MAX_BYTES', 'SubmissionError', 'validate_submission',
+           'submission_table', 'code_files', 'write_submission', 'submit_cli']
 
 # %% ../../nbs/08_posttrain.ipynb #e98db7de
 from cxrlt.posttrain.predictions import (LOGIT_COLUMNS, SPLIT_NAMES, PredictionFileError, read_predictions,
@@ -24,7 +25,8 @@ from .ensembles import (ENSEMBLE_METHODS, align_predictions, mean_probability_lo
 from .tta import (TTA_VIEWS, parse_tta_view, black_level,
     tta_views, merge_views, tta_log_odds, tta_predictions)
 from .retrain import (FEATURES_FORMAT, train_classifier, tau_normalize, extract_features,
-    checkpoint_fingerprint, feature_cache, load_features, crt, load_crt_model, crt_tta_predictions)
+    checkpoint_fingerprint, feature_cache, load_features, crt, load_crt_model, crt_tta_predictions, LOSS_COUNTS,
+    CRT_TRAIN_VIEWS, TAU_GRID, tau_norm)
 from .submit import (CODE_MAX_BYTES, SubmissionError, validate_submission, submission_table, code_files,
     write_submission, submit_cli)
 
@@ -36,5 +38,6 @@ _all_ = ['LOGIT_COLUMNS', 'SPLIT_NAMES', 'PredictionFileError', 'read_prediction
          'mean_probability_log_odds', 'rank_average', 'simplex_grid', 'fit_ensemble_weights', 'ensemble', 'TTA_VIEWS',
          'parse_tta_view', 'black_level', 'tta_views', 'merge_views', 'tta_log_odds', 'tta_predictions',
          'FEATURES_FORMAT', 'train_classifier', 'tau_normalize', 'extract_features', 'checkpoint_fingerprint',
-         'feature_cache', 'load_features', 'crt', 'load_crt_model', 'crt_tta_predictions', 'CODE_MAX_BYTES',
+         'feature_cache', 'load_features', 'crt', 'load_crt_model', 'crt_tta_predictions', 'LOSS_COUNTS',
+         'CRT_TRAIN_VIEWS', 'TAU_GRID', 'tau_norm', 'CODE_MAX_BYTES',
          'SubmissionError', 'validate_submission', 'submission_table', 'code_files', 'write_submission', 'submit_cli']

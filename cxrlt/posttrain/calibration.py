@@ -214,10 +214,14 @@ def _validation_rows(predictions, labels) -> tuple:
     ell = log_odds(frame)
     return path, frame, val, lab, ell, labels_for(lab, frame.ImageID[val], 'validation images')
 
-def _test_rows(frame:pd.DataFrame, labels) -> tuple:
-    "The mask of the test rows and their labels (None when there are no test rows or some lack labels)."
-    test = (frame['split'] == 'test').to_numpy()
-    return test, (_known_labels(labels, frame.ImageID[test]) if test.any() else None)
+def _held_out_rows(frame:pd.DataFrame, labels) -> dict:
+    "Split -> (labels, row mask) of the 'dev' and 'test' rows whose labels are all known (nothing is fitted on them)."
+    out = {}
+    for s in ('dev', 'test'):
+        m = (frame['split'] == s).to_numpy()
+        y = _known_labels(labels, frame.ImageID[m]) if m.any() else None
+        if y is not None: out[s] = (y, m)
+    return out
 
 # %% ../../nbs/08b_calibrate.ipynb #b33bdf1a
 def calibrate(predictions, # a prediction file with 'val' rows (and usually 'test' rows)
@@ -230,8 +234,7 @@ def calibrate(predictions, # a prediction file with 'val' rows (and usually 'tes
     path, frame, val, lab, ell, y_val = _validation_rows(predictions, labels)
     cal = fit_calibrator(method, y_val, ell[val])
     new = cal.log_odds(ell)
-    test, y_test = _test_rows(frame, lab)
-    panels = {'val': (y_val, val), **({'test': (y_test, test)} if y_test is not None else {})}
+    panels = {'val': (y_val, val), **_held_out_rows(frame, lab)}
     report = {'method': method, 'unfitted': cal.unfitted,
               **{s: _split_scores(y, ell[m], new[m], n_bins) for s, (y, m) in panels.items()}}
     out = _output_path(out or _default_out(path, method), [path])
@@ -284,15 +287,13 @@ def threshold_shift(log_odds, # (N, C) log-odds
     return np.asarray(log_odds, np.float64) - probability_log_odds(thresholds)
 
 # %% ../../nbs/08b_calibrate.ipynb #401e6907
-def _threshold_table(th, ok, y_val, p_val, y_test=None, p_test=None) -> pd.DataFrame:
-    "Per class: the threshold, whether it was fitted, and F1 at 0.5 and at the threshold on val (and test)."
+def _threshold_table(th, ok, panels:dict) -> pd.DataFrame:
+    "Per class: the threshold, whether it was fitted, and F1 at 0.5 and at the threshold on each split of `panels`."
     from cxrlt.metrics import f1_at_thresholds
-    table = pd.DataFrame({'class': CLASSES, 'threshold': th, 'fitted': ok,
-                          'val_F1_at_0.5': f1_at_thresholds(y_val, p_val),
-                          'val_F1_at_threshold': f1_at_thresholds(y_val, p_val, th)})
-    if y_test is not None:
-        table['test_F1_at_0.5'] = f1_at_thresholds(y_test, p_test)
-        table['test_F1_at_threshold'] = f1_at_thresholds(y_test, p_test, th)
+    table = pd.DataFrame({'class': CLASSES, 'threshold': th, 'fitted': ok})
+    for s, (y, p) in panels.items():
+        table[f'{s}_F1_at_0.5'] = f1_at_thresholds(y, p)
+        table[f'{s}_F1_at_threshold'] = f1_at_thresholds(y, p, th)
     return table
 
 def _mean_f1(table:pd.DataFrame, split:str) -> dict:
@@ -312,10 +313,9 @@ def threshold_predictions(predictions, # a prediction file with 'val' rows
     unfitted = [c for c, k in zip(CLASSES, ok) if not k]
     if unfitted: logger.warning(f'thresholds: {len(unfitted)} class(es) cannot be fitted on the validation rows '
                                 f'and keep 0.5: {unfitted}')
-    test, y_test = _test_rows(frame, lab)
-    table = _threshold_table(th, ok, y_val, expit(ell[val]), y_test, expit(ell[test]))
-    report = {'method': method, 'unfitted': unfitted, 'val': _mean_f1(table, 'val'),
-              **({'test': _mean_f1(table, 'test')} if y_test is not None else {})}
+    panels = {'val': (y_val, val), **_held_out_rows(frame, lab)}
+    table = _threshold_table(th, ok, {s: (y, expit(ell[m])) for s, (y, m) in panels.items()})
+    report = {'method': method, 'unfitted': unfitted, **{s: _mean_f1(table, s) for s in panels}}
     out = _output_path(out or _default_out(path, f'threshold-{method}'), [path])
     table_path = save_csv(table, out.with_name(out.stem + '.thresholds.csv'))
     write_predictions(prediction_frame(frame.ImageID, frame['split'].to_numpy(), threshold_shift(ell, th)), out,

@@ -124,7 +124,7 @@ def _members(paths:list) -> tuple:
     ells = [log_odds(f) for f in frames]
     if 'split' not in frames[0].columns:
         raise ValueError(f"{paths[0]} has no 'split' column; "
-                         "ensembles combine prediction files with 'val' and/or 'test' rows")
+                         "ensembles combine prediction files with 'val', 'dev' and/or 'test' rows")
     return frames, ells
 
 # %% ../../nbs/08c_ensemble.ipynb #11181761
@@ -144,7 +144,7 @@ def _member_report(lab, ids, split, ells:list, new:np.ndarray) -> dict:
     "Per split with labels: each member's mAP and the ensemble's."
     from cxrlt.metrics import average_precision_and_auc
     report = {}
-    for s in ('val', 'test'):
+    for s in ('val', 'dev', 'test'):
         m, y = split == s, _split_labels(lab, ids, split, s)
         if y is None: continue
         ap = lambda e: float(np.nanmean(average_precision_and_auc(y, expit(e[m]))[0]))
@@ -166,10 +166,12 @@ def ensemble(predictions:list, # prediction files to combine (same images, same 
     frames, ells = _members(paths)
     split, ids = frames[0]['split'].to_numpy(), frames[0].ImageID
     lab = _label_source(labels, paths[0]) if labels is not None or Run.holding(paths[0]) is not None else None
-    if method == 'weighted' and weights is None: weights = _fitted_weights(lab, ids, split, ells, step)
+    fitted = method == 'weighted' and weights is None
+    if fitted: weights = _fitted_weights(lab, ids, split, ells, step)
     w = _weights(weights, len(ells))
     new = probability_log_odds(rank_average(ells, split, w)) if method == 'rank' else mean_probability_log_odds(ells, w)
     report = {'method': method, 'members': [str(p) for p in paths], 'weights': w.tolist(),
+              'fitted_on': 'val' if fitted else None,
               **_member_report(lab, ids, split, ells, new)}
     params = {'step': 'ensemble', **report, 'sources_sha256': [file_sha256(p) for p in paths], 'grid_step': step}
     write_predictions(prediction_frame(ids, split, new), out, params)

@@ -20,7 +20,7 @@ from ..run import Run
 
 # %% ../../nbs/08a_predictions.ipynb #2e1b3963
 LOGIT_COLUMNS = [f'logit:{c}' for c in CLASSES]
-SPLIT_NAMES = ('train', 'val', 'test')
+SPLIT_NAMES = ('train', 'val', 'dev', 'test')
 
 class PredictionFileError(ValueError):
     "A prediction file that does not follow cxrlt's format; the message names the file, column and line."
@@ -271,7 +271,7 @@ def run_loss(run_dir, # a run directory written by `cxrlt.train.fit`
     y = np.asarray(train_labels)
     counts = np.maximum(y.sum(0).astype(np.int64), 1)
     return make_loss(cfg.loss, counts, drw_start_epoch=cfg.drw_start_epoch, drw_beta=cfg.drw_beta,
-                     **{'n_images': len(y), **cfg.loss_kwargs})
+                     drw_mode=cfg.drw_mode, **{'n_images': len(y), **cfg.loss_kwargs})
 
 # %% ../../nbs/08a_predictions.ipynb #8115b4e4
 def _row_keys(frame:pd.DataFrame) -> pd.Index:

@@ -121,9 +121,9 @@ def tta_log_odds(model:nn.Module, # a classifier in eval mode
 # %% ../../nbs/08d_tta.ipynb #d75fe50e
 def _tta_frame(model:nn.Module, data:dict, views, merge:str, scale:float, batch_size:int, device:torch.device,
                num_workers:int=0, autocast=None, progress:bool=False) -> tuple:
-    "TTA log-odds of a model on a run's 'val' and 'test' datasets as one prediction table, and each split's labels."
+    "TTA log-odds of a model on a run's 'val', 'dev' and 'test' datasets as one prediction table, and their labels."
     frames, labels = [], {}
-    for split in [s for s in ('val', 'test') if s in data]:
+    for split in [s for s in ('val', 'dev', 'test') if s in data]:
         loader = torch.utils.data.DataLoader(data[split]['dataset'], batch_size=batch_size, shuffle=False,
                                              num_workers=num_workers, pin_memory=device.type == 'cuda')
         ell = tta_log_odds(model, loader, views, merge, scale, True, device, autocast=autocast, progress=progress)
