@@ -117,13 +117,14 @@ class Preset:
     max_batches_per_epoch: Optional[int] = None
     warmup_epochs: float = 0.0
     threads: Optional[int] = None  # torch threads per row (None: torch's default)
+    crt_train_views: int = 4  # augmented passes of training features cRT re-trains on (`cxrlt.posttrain.crt`)
 
 # %% ../nbs/11_study.ipynb #043d396f
 PRESETS = {p.name: p for p in [
     Preset(name='smoke', synthetic='tiny', image_size=32, epochs=2, batch_size=16, lr=3e-3, proxies=True,
-           pretrained=False, n_bootstrap=20, crt_epochs=3, threads=1),
+           pretrained=False, n_bootstrap=20, crt_epochs=3, threads=1, crt_train_views=1),
     Preset(name='demo', synthetic='demo', image_size=64, epochs=2, batch_size=32, lr=2e-3, proxies=True,
-           pretrained=False, n_bootstrap=200, crt_epochs=5, max_batches_per_epoch=40),
+           pretrained=False, n_bootstrap=200, crt_epochs=5, max_batches_per_epoch=40, crt_train_views=1),
     Preset(name='paper', synthetic=None, image_size=512, epochs=20, batch_size=32, lr=1e-4, proxies=False,
            pretrained=True, n_bootstrap=1000, crt_epochs=10, warmup_epochs=1.0),
 ]}
@@ -328,7 +329,8 @@ def post_train(post:str, # the row's post-training, e.g. 'cRT+TTA' ('' re-scores
     crt_files = []
     for b in bases:
         out = out_dir/f"crt-row{b['row']:02d}.csv"
-        pt.crt(b['run_dirs'][0], epochs=preset.crt_epochs, out=out, progress=False)
+        pt.crt(b['run_dirs'][0], epochs=preset.crt_epochs, train_views=preset.crt_train_views, out=out,
+               progress=False)
         crt_files.append(out)
     if steps == ['cRT']: return crt_files[0]
     if steps[1] == 'TTA':

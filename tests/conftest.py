@@ -52,3 +52,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def quiet_fit(cfg):
+    "`cxrlt.train.fit(cfg)` with cxrlt's log at ERROR and warnings off (tiny data trip the PadChest-join notes)."
+    import logging, warnings
+    from pathlib import Path
+    from cxrlt.core import logger
+    from cxrlt.train import fit
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            return Path(fit(cfg)['run_dir'])
+    finally: logger.setLevel(level)

@@ -1,7 +1,7 @@
 """cRT (Kang et al. 2020) on fixed features and on a real (tiny) run: every registered loss against a scikit-learn
 reference, the mean entry loss, the loss's class counts, features of augmented views, τ-norm as published, and the
 scale cRT+TTA reads."""
-import json, logging, shutil, warnings
+import json, shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +13,8 @@ from sklearn.metrics import average_precision_score
 import cxrlt.posttrain as pt
 import cxrlt.posttrain.retrain
 import cxrlt.train
-from conftest import tiny_challenge
-from cxrlt.core import load_checkpoint, logger
+from conftest import quiet_fit, tiny_challenge
+from cxrlt.core import load_checkpoint
 from cxrlt.labels import CLASSES
 from cxrlt.losses import LOSSES, ldam_margins, make_loss
 from cxrlt.run import Run
@@ -124,13 +124,7 @@ def run(tmp_path_factory):
                                   test_cache=tiny/'cache', test_labels_csv=tiny/'test_labels.csv', out_dir=tiny/'runs',
                                   backbone='resnet10t', epochs=1, batch_size=16, lr=3e-3, progress=False,
                                   deterministic=True, val_fraction=0.25, seed=7, augment=AugmentConfig())
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        run_dir = Path(cxrlt.train.fit(cfg)['run_dir'])
-    yield run_dir
-    logger.setLevel(level)
+    return quiet_fit(cfg)
 
 
 def _eval_splits(run):

@@ -2,7 +2,7 @@
 images (shuffled between them), and whose test answers are shuffled, make every choice identically — the best epoch
 and its weights, cRT's classifier, temperatures, thresholds and ensemble weights — while their dev and test scores
 differ."""
-import json, logging, warnings
+import json
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import cxrlt.posttrain as pt
-from conftest import tiny_challenge
-from cxrlt.core import load_checkpoint, logger
+from conftest import quiet_fit, tiny_challenge
+from cxrlt.core import load_checkpoint
 from cxrlt.labels import CLASSES
 from cxrlt.splits import load_split
-from cxrlt.train import TrainConfig, fit
+from cxrlt.train import TrainConfig
 
 torch.set_num_threads(1)
 
@@ -39,20 +39,14 @@ def twins(tmp_path_factory):
                   epochs=3, batch_size=16, lr=3e-3, progress=False, deterministic=True, val_fraction=0.25,
                   dev_fraction=0.25, split_file=tiny/'split.csv', run_name='run',
                   augment=AugmentConfig(degrees=0, translate=0, scale=(1, 1)))
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        a = Path(fit(TrainConfig(train_csv=tiny/'train.csv', test_labels_csv=tiny/'test_labels.csv',
-                                 out_dir=tiny/'a', **common))['run_dir'])
-        split = load_split(tiny/'split.csv')
-        dev_ids = split.index[split == 'dev']
-        test_ids = pd.read_csv(tiny/'test_labels.csv').ImageID
-        b = Path(fit(TrainConfig(train_csv=shuffled(tiny/'train.csv', dev_ids, tiny/'train_shuffled.csv'),
-                                 test_labels_csv=shuffled(tiny/'test_labels.csv', test_ids, tiny/'test_shuffled.csv'),
-                                 out_dir=tiny/'b', **common))['run_dir'])
-    yield a, b
-    logger.setLevel(level)
+    a = quiet_fit(TrainConfig(train_csv=tiny/'train.csv', test_labels_csv=tiny/'test_labels.csv', out_dir=tiny/'a',
+                              **common))
+    split = load_split(tiny/'split.csv')
+    dev_ids, test_ids = split.index[split == 'dev'], pd.read_csv(tiny/'test_labels.csv').ImageID
+    b = quiet_fit(TrainConfig(train_csv=shuffled(tiny/'train.csv', dev_ids, tiny/'train_shuffled.csv'),
+                              test_labels_csv=shuffled(tiny/'test_labels.csv', test_ids, tiny/'test_shuffled.csv'),
+                              out_dir=tiny/'b', **common))
+    return a, b
 
 
 def rows(pred_csv, split):

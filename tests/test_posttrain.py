@@ -1,6 +1,6 @@
 """Post-training on a real (tiny) run: feature cache, cRT, TTA, calibration, thresholds, ensembles, and every refusal
 of `cxrlt submit`."""
-import json, logging, shutil, warnings, zipfile
+import json, shutil, zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +16,8 @@ import cxrlt.posttrain.retrain
 import cxrlt.posttrain.submit
 import cxrlt.run
 import cxrlt.train
-from conftest import tiny_challenge
-from cxrlt.core import load_checkpoint, logger
+from conftest import quiet_fit, tiny_challenge
+from cxrlt.core import load_checkpoint
 from cxrlt.labels import CLASSES
 from cxrlt.posttrain.predictions import _row_keys
 from cxrlt.run import Run
@@ -38,13 +38,7 @@ def run(tiny):
                                   backbone='resnet10t', epochs=2, batch_size=16, lr=3e-3, progress=False,
                                   deterministic=True, val_fraction=0.25,
                                   augment=AugmentConfig(degrees=0, translate=0, scale=(1, 1)))
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        run_dir = Path(cxrlt.train.fit(cfg)['run_dir'])
-    yield run_dir
-    logger.setLevel(level)
+    return quiet_fit(cfg)
 
 
 # --- feature cache and cRT -------------------------------------------------------------------------------------
