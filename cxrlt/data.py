@@ -32,7 +32,7 @@ IMAGES_DIR = 'images'  # the images, in PadChest's numbered sub-folders
 
 # %% ../nbs/02_data.ipynb #c88eb15a
 def _read_cells(path, what:str) -> tuple:
-    "Verbatim header and every cell (as text, '' when empty or absent) of the CSV at `path`."
+    "Verbatim header and every cell (as text, '' when empty or absent) of the CSV at `path`, less unnamed columns."
     path = Path(path)
     if not path.is_file(): raise FileNotFoundError(f'{what} {path} does not exist')
     try:
@@ -45,7 +45,7 @@ def _read_cells(path, what:str) -> tuple:
     header = [str(h) for h in raw.iloc[0]]
     cells = raw.iloc[1:].reset_index(drop=True).fillna('')
     cells.columns = range(len(header))
-    return path, header, cells
+    return path, header, _drop_unnamed_columns(path, header, cells)
 
 # %% ../nbs/02_data.ipynb #f2fc926e
 def _lines(rows, limit:int=5) -> str:
@@ -54,6 +54,18 @@ def _lines(rows, limit:int=5) -> str:
     shown = ', '.join(str(r + 2) for r in rows[:limit])
     if len(rows) == 1: return f'line {shown}'
     return f'lines {shown}' + (f' and {len(rows) - limit} more' if len(rows) > limit else '')
+
+# %% ../nbs/02_data.ipynb #a68ddfa1
+def _drop_unnamed_columns(path, header:list, cells:pd.DataFrame) -> pd.DataFrame:
+    "`cells` without the columns whose name in `header` is empty; each must be empty on every row, else an error."
+    unnamed = [i for i, h in enumerate(header) if clean_class_name(h) == '']
+    for i in unnamed:
+        filled = np.flatnonzero(cells[i].ne('').to_numpy())
+        if len(filled):
+            raise ChallengeFileError(f'{path}: column {i+1} has no name but holds {cells[i].iloc[filled[0]]!r} on '
+                                     f'{_lines(filled)}; a column without a name must be empty on every row')
+    if unnamed: logger.info(f'{path}: dropped {len(unnamed)} unnamed columns, empty on every row')
+    return cells.drop(columns=unnamed)
 
 # %% ../nbs/02_data.ipynb #36600184
 def _column_hint(name:str, candidates) -> str:
@@ -80,6 +92,7 @@ def _match_columns(path, header:list, labels:bool) -> dict:
     pos, problems = {}, []
     for i, raw in enumerate(header):
         name = clean_class_name(raw)
+        if not name: continue  # unnamed: `_read_cells` checked it is empty
         problem = _header_problem(i, raw, name, pos, expected, labels)
         if problem: problems.append(problem)
         else: pos[name] = i

@@ -2,17 +2,19 @@
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CachedImageDataset', 'normalize_batch', 'AugmentConfig', 'train_augmentation',
-           'cache_dataloader']
+           'cache_dataloader', 'CacheBatchLoader', 'train_loader', 'augment_params', 'affine_batch', 'jitter_batch',
+           'DeviceAugment']
 
 # %% ../nbs/02e_datasets.ipynb #1f242452
-import dataclasses
+import collections, concurrent.futures, dataclasses, itertools
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch
 
 from .core import Config
-from .cache import ImageCache, open_cache
+from .cache import ImageCache, open_cache, _available_cpus
 
 # %% ../nbs/02e_datasets.ipynb #26e7e87f
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -84,14 +86,18 @@ def __getitem__(self:CachedImageDataset, i:int):
     return x if self.labels is None else (x, torch.from_numpy(self.labels[i]))
 
 # %% ../nbs/02e_datasets.ipynb #83ea9bb5
+def _check_uint8_batch(images:torch.Tensor) -> None:
+    "ValueError unless `images` is a uint8 (B, 1, S, S) batch."
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
+        raise ValueError(f'expected a uint8 (B, 1, S, S) batch, got {images.dtype} {tuple(images.shape)}')
+
 def normalize_batch(images:torch.Tensor, # uint8 (B, 1, S, S) batch from a `normalize=False` dataset, on any device
                     channels:int=3, # output channels (grey repeated)
                     mean:tuple=IMAGENET_MEAN, # per-channel mean, as in `CachedImageDataset`
                     std:tuple=IMAGENET_STD, # per-channel std
                    ) -> torch.Tensor:
     "Float32 (B, channels, S, S): a uint8 batch scaled to [0, 1], grey repeated and normalised, on the batch's device."
-    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 1:
-        raise ValueError(f'expected a uint8 (B, 1, S, S) batch, got {images.dtype} {tuple(images.shape)}')
+    _check_uint8_batch(images)
     _check_mean_std(channels, mean, std)
     mean = torch.tensor(mean, dtype=torch.float64, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(std, dtype=torch.float64, device=images.device).view(1, -1, 1, 1)
@@ -139,3 +145,183 @@ def cache_dataloader(dataset:CachedImageDataset, # the cached images
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=train and sampler is None,
                                        sampler=sampler, num_workers=num_workers, drop_last=train, generator=g,
                                        pin_memory=pin_memory, persistent_workers=num_workers > 0, **kwargs)
+
+# %% ../nbs/02e_datasets.ipynb #fa0231f2
+def _check_uint8_rows(dataset) -> None:
+    "ValueError unless `dataset` is a `CachedImageDataset` serving uint8 rows (no normalising, no transform)."
+    if not isinstance(dataset, CachedImageDataset):
+        raise TypeError(f'train_loader reads a CachedImageDataset, got {type(dataset).__name__}')
+    if dataset.normalize or dataset.transform is not None:
+        raise ValueError('train_loader serves uint8 rows for DeviceAugment: build the CachedImageDataset with '
+                         f'normalize=False and transform=None (got normalize={dataset.normalize}, '
+                         f'transform={type(dataset.transform).__name__})')
+
+@patch
+def read_batch(self:CachedImageDataset, indices, # items to read, in order
+               pin_memory:bool=False, # return pinned tensors (for asynchronous copies to a GPU)
+              ):
+    "Items `indices` as one batch: their uint8 (B, 1, S, S) rows gathered in one read (and their labels)."
+    if self._images is None: self._images = np.load(self.images_path, mmap_mode='r')
+    indices = np.asarray(indices, dtype=np.int64)
+    batch = [torch.from_numpy(np.take(self._images, self.rows[indices], axis=0)).unsqueeze(1)]  # copies without the GIL
+    if self.labels is not None: batch.append(torch.from_numpy(self.labels[indices]))
+    if pin_memory: batch = [t.pin_memory() for t in batch]
+    return batch[0] if len(batch) == 1 else tuple(batch)
+
+# %% ../nbs/02e_datasets.ipynb #ef9cff9e
+class CacheBatchLoader:
+    "Uint8 (B, 1, S, S) training batches of a `CachedImageDataset`, read ahead by a pool of threads."
+    def __init__(self, dataset:CachedImageDataset, # uint8 rows (`normalize=False`, no `transform`)
+                 batch_size:int, # images per batch
+                 sampler, # indices to read in order, e.g. a long-tail sampler sharded by rank
+                 num_workers:int, # reading threads; 0: read in the calling thread
+                 prefetch_factor:int, # batches read ahead per thread
+                 drop_last:bool, # drop a last partial batch
+                 pin_memory:bool, # return pinned batches
+                ):
+        _check_uint8_rows(dataset)
+        self.dataset, self.batch_size, self.sampler, self.num_workers = dataset, batch_size, sampler, num_workers
+        self.prefetch_factor, self.drop_last, self.pin_memory = prefetch_factor, drop_last, pin_memory
+        self.batch_sampler = torch.utils.data.BatchSampler(sampler, batch_size, drop_last)
+
+    def __len__(self): return len(self.batch_sampler)
+    def __repr__(self): return f'CacheBatchLoader({len(self)} batches of {self.batch_size}, {self.num_workers} threads)'
+
+# %% ../nbs/02e_datasets.ipynb #4c83d6d3
+@patch
+def __iter__(self:CacheBatchLoader):
+    "Batches in the sampler's order, up to `num_workers * prefetch_factor` of them read ahead."
+    read, batches = lambda b: self.dataset.read_batch(b, self.pin_memory), iter(self.batch_sampler)
+    if self.num_workers == 0: yield from map(read, batches); return
+    with concurrent.futures.ThreadPoolExecutor(self.num_workers, thread_name_prefix='cxrlt-loader') as pool:
+        ahead = collections.deque(pool.submit(read, b)
+                                  for b in itertools.islice(batches, self.num_workers * self.prefetch_factor))
+        try:
+            while ahead:
+                batch = ahead.popleft().result()
+                ahead.extend(pool.submit(read, b) for b in itertools.islice(batches, 1))
+                yield batch
+        finally:
+            for f in ahead: f.cancel()          # an abandoned epoch reads no further
+
+# %% ../nbs/02e_datasets.ipynb #5239c746
+def train_loader(dataset:CachedImageDataset, # uint8 rows: built with `normalize=False` and no `transform`
+                 batch_size:int=32, # images per batch (per process in a distributed run)
+                 sampler=None, # e.g. a long-tail sampler, sharded by rank (call `set_epoch` each epoch); None: shuffled
+                 num_workers:int=None, # reading threads; default: every CPU this process may run on
+                 prefetch_factor:int=4, # batches read ahead per thread
+                 drop_last:bool=None, # default: drop a last partial batch when an epoch holds more than one batch
+                 seed:int=0, # seed of the shuffling generator (without `sampler`)
+                 pin_memory:bool=None, # default: when CUDA is available
+                ) -> CacheBatchLoader:
+    "Uint8 (B, 1, S, S) training batches for `DeviceAugment`, read ahead by threads: no float work on the CPU."
+    if sampler is None:
+        sampler = torch.utils.data.RandomSampler(range(len(dataset)), generator=torch.Generator().manual_seed(seed))
+    return CacheBatchLoader(dataset, batch_size, sampler, _available_cpus() if num_workers is None else num_workers,
+                            prefetch_factor, len(sampler) > batch_size if drop_last is None else drop_last,
+                            torch.cuda.is_available() if pin_memory is None else pin_memory)
+
+# %% ../nbs/02e_datasets.ipynb #508fe852
+def augment_params(cfg:AugmentConfig, # the augmentations
+                   n:int, # number of images
+                   height:int, width:int, # image size in pixels
+                   generator:torch.Generator=None, # draw from it (on its device); default: the global generator
+                   device=None, # where to draw without `generator`; default: CPU
+                  ) -> dict:
+    "Per-sample parameters of `cfg`'s augmentations, each drawn as torchvision draws one set per call."
+    dev = generator.device if generator is not None else torch.device(device or 'cpu')
+    def u(lo, hi): return torch.rand(n, generator=generator, device=dev).mul_(hi - lo).add_(lo)
+    t, b, c = cfg.translate, cfg.brightness, cfg.contrast
+    return {'flip': u(0, 1) < cfg.hflip, 'angle': u(-cfg.degrees, cfg.degrees),
+            'translate': torch.stack([u(-t * width, t * width), u(-t * height, t * height)], 1).round_(),
+            'scale': u(*cfg.scale), 'brightness': u(max(0.0, 1 - b), 1 + b), 'contrast': u(max(0.0, 1 - c), 1 + c),
+            'brightness_first': u(0, 1) < 0.5}
+
+# %% ../nbs/02e_datasets.ipynb #c837b5e9
+def _affine_theta(angle, translate, scale, flip, h:int, w:int) -> torch.Tensor:
+    "torchvision's inverse affine matrices (B, 2, 3) in `affine_grid`'s [-1, 1] units, flip folded in; float64."
+    rot = torch.deg2rad(angle.double())
+    cos, sin = rot.cos() / scale.double(), rot.sin() / scale.double()
+    tx, ty = translate.double().unbind(-1)
+    mirror = 1 - 2 * flip.double()                                       # a flip mirrors where x is sampled
+    x_row = torch.stack([cos, sin * h / w, (-cos * tx - sin * ty) * 2 / w], -1) * mirror[:, None]
+    return torch.stack([x_row, torch.stack([-sin * w / h, cos, (sin * tx - cos * ty) * 2 / h], -1)], 1)
+
+# %% ../nbs/02e_datasets.ipynb #f3b02c23
+def affine_batch(x:torch.Tensor, # float (B, C, H, W) images in [0, 1]
+                 angle:torch.Tensor, # (B,) degrees, as `v2.functional.affine`'s angle
+                 translate:torch.Tensor, # (B, 2) shifts in pixels, x then y
+                 scale:torch.Tensor, # (B,) zoom factors
+                 flip:torch.Tensor=None, # (B,) bool: flip horizontally first
+                ) -> torch.Tensor:
+    "Each image flipped and warped as `v2.functional.affine` (bilinear, centre, fill 0) with its own parameters."
+    b, c, h, w = x.shape
+    flip = torch.zeros(b, dtype=torch.bool, device=angle.device) if flip is None else flip
+    theta = _affine_theta(angle, translate, scale, flip, h, w).to(x.device, x.dtype)    # no host-device round trip
+    grid = F.affine_grid(theta, [b, c, h, w], align_corners=False)
+    out = F.grid_sample(torch.cat([x, x.new_ones(b, 1, h, w)], 1), grid, 'bilinear', 'zeros', align_corners=False)
+    return out[:, :c] * out[:, c:]          # torchvision's fill: the image times the warped mask
+
+# %% ../nbs/02e_datasets.ipynb #2a799041
+def _brightness(x, f): return x.mul(f).clamp_(0, 1)
+def _contrast(x, f): return x.mul(f).add_(x.mean((1, 2, 3), keepdim=True) * (1 - f)).clamp_(0, 1)
+
+def jitter_batch(x:torch.Tensor, # float (B, 1, H, W) images in [0, 1]
+                 brightness:torch.Tensor=None, # (B,) factors; None: no brightness change
+                 contrast:torch.Tensor=None, # (B,) factors; None: no contrast change
+                 brightness_first:torch.Tensor=None, # (B,) bool: brightness before contrast (with both)
+                ) -> torch.Tensor:
+    "ColorJitter's brightness (x·b) and contrast (blend with the mean grey) per image, each clipped to [0, 1]."
+    per = lambda t: t.to(x.device, x.dtype).view(-1, 1, 1, 1)
+    if contrast is None: return x if brightness is None else _brightness(x, per(brightness))
+    if brightness is None: return _contrast(x, per(contrast))
+    b, first = per(brightness), brightness_first.to(x.device).view(-1, 1, 1, 1)
+    x = _brightness(x, torch.where(first, b, 1.0))             # a factor of 1 leaves [0, 1] images unchanged
+    return _brightness(_contrast(x, per(contrast)), torch.where(first, 1.0, b))
+
+# %% ../nbs/02e_datasets.ipynb #863c5f03
+class DeviceAugment:
+    "`AugmentConfig`'s augmentations and the normalisation on uint8 batches, each image with its own parameters."
+    def __init__(self, cfg:AugmentConfig=None, # the augmentations; default `AugmentConfig()`
+                 channels:int=3, # output channels (grey repeated), as `CachedImageDataset`
+                 mean:tuple=IMAGENET_MEAN, # per-channel mean subtracted after augmenting in [0, 1]
+                 std:tuple=IMAGENET_STD, # per-channel std divided by
+                ):
+        if channels not in (1, 3): raise ValueError(f'channels must be 1 or 3, got {channels}')
+        _check_mean_std(channels, mean, std)
+        self.cfg, self.channels, self.mean, self.std = cfg or AugmentConfig(), channels, tuple(mean), tuple(std)
+        c = self.cfg
+        self.affine = bool(c.degrees or c.translate or tuple(c.scale) != (1, 1))   # the steps `train_augmentation` has
+        self.colour = bool(c.brightness or c.contrast)
+        self._normalisers = {}                # (scale, shift) per device, copied there once
+
+    def params(self, n:int, height:int, width:int, generator=None, device=None) -> dict:
+        "Per-sample parameters for `n` images (`augment_params`)."
+        return augment_params(self.cfg, n, height, width, generator, device)
+
+    def __repr__(self): return f'DeviceAugment({self.cfg}, channels={self.channels})'
+
+
+# %% ../nbs/02e_datasets.ipynb #809f9f37
+@patch
+def augment(self:DeviceAugment, x:torch.Tensor, params:dict) -> torch.Tensor:
+    "Float (B, 1, H, W) images in [0, 1] flipped, warped and jittered with `params`, in [0, 1]."
+    c = self.cfg
+    if self.affine: x = affine_batch(x, params['angle'], params['translate'], params['scale'], params['flip'])
+    elif c.hflip: x = torch.where(params['flip'].to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
+    if not self.colour: return x
+    return jitter_batch(x, params['brightness'] if c.brightness else None, params['contrast'] if c.contrast else None,
+                        params['brightness_first'])
+
+@patch
+def __call__(self:DeviceAugment, images:torch.Tensor, # uint8 (B, 1, S, S) batch, on any device
+             generator:torch.Generator=None, # draw from it (one on the batch's device avoids copies); default: global
+            ) -> torch.Tensor:
+    "Float32 (B, channels, S, S): the batch augmented per sample and normalised, on the batch's device."
+    _check_uint8_batch(images)
+    x = images.float().div_(255)
+    x = self.augment(x, self.params(len(x), *x.shape[-2:], generator=generator, device=x.device))
+    if x.device not in self._normalisers:
+        self._normalisers[x.device] = tuple(t.to(x.device)[None] for t in _scale_shift(self.mean, self.std))
+    scale, shift = self._normalisers[x.device]
+    return torch.addcmul(shift, x, scale)

@@ -3,9 +3,10 @@
 # %% auto #0
 __all__ = ['ROWS', 'POST_STEPS', 'PAPER_LOSSES', 'PRESETS', 'EXECUTORS', 'METRICS', 'GROUP_METRICS', 'CLAIMS', 'UNTESTABLE',
            'paper_table', 'leaderboard', 'Row', 'check_post_training', 'register_row', 'Preset', 'row_backbone',
-           'challenge_files', 'table_data', 'training_config', 'row_plan', 'split_labels', 'score_predictions',
-           'row_notebook', 'kernel_name', 'row_dir', 'row_parameters', 'row_is_done', 'run_row', 'post_train',
-           'execute_row', 'run_table', 'collect_results', 'compare_with_paper', 'paper_claims', 'table_cli']
+           'challenge_files', 'table_data', 'training_config', 'row_plan', 'check_table_inputs', 'table_plan',
+           'split_labels', 'score_predictions', 'row_notebook', 'kernel_name', 'row_dir', 'row_parameters',
+           'row_is_done', 'run_row', 'post_train', 'execute_row', 'run_table', 'collect_results', 'compare_with_paper',
+           'paper_claims', 'table_cli']
 
 # %% ../nbs/11_study.ipynb #9207f2f8
 import dataclasses, hashlib, importlib.resources, json, re, time, traceback
@@ -213,6 +214,83 @@ def row_plan(rows=None, # rows to run (default: every registered row)
         r = stack.pop()
         if r not in need: need.add(r); stack.extend(ROWS[r].base_rows)
     return sorted(need, key=lambda r: (not ROWS[r].trains, r))
+
+# %% ../nbs/11_study.ipynb #70c16274
+def check_table_inputs(plan:list, # rows to run (`row_plan`)
+                       preset:Preset, data:dict, table_dir, overrides:dict=None) -> None:
+    "A `RunInputError` listing every problem the plan's training rows would meet in their inputs, before any trains."
+    from cxrlt.train import TrainConfig, check_inputs, raise_on_problems
+    problems, files = [], True
+    for row in [r for r in plan if ROWS[r].trains]:
+        cfg = TrainConfig.from_dict(training_config(row, preset, data, table_dir, (overrides or {}).get(row)),
+                                    source=f'row {row}')
+        problems += [f'row {row}: {q}' for q in check_inputs(cfg, files=files)]
+        files = False   # the rows share the table's files: read them once
+    raise_on_problems(problems, f'table {Path(table_dir).name}')
+
+# %% ../nbs/11_study.ipynb #a118bd52
+def _throughput_rates(throughput) -> dict:
+    "(backbone, size) -> training img/s from a `benchmarks/gpu_throughput.py` report (measured entries only)."
+    if throughput is None: return {}
+    report = load_json(throughput)
+    return {(r['model'], int(r['size'])): float(r['img_s']) for r in report.get('results', [])
+            if r.get('status') == 'ok' and r.get('img_s')}
+
+def _images_after_removal(files:dict) -> int:
+    "Training images less those `Removal.csv` lists."
+    from cxrlt.data import read_image_ids
+    ids = set(read_image_ids(files['train_csv']))
+    return len(ids - set(read_image_ids(files['removal_csv']))) if files.get('removal_csv') else len(ids)
+
+# %% ../nbs/11_study.ipynb #7d93b4a9
+def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> float:
+    "Estimated GPU-hours of one row: its training epochs, or its post-training passes, at `rate` training img/s."
+    if not rate: return np.nan
+    infer = 3 * rate   # inference runs about three times as fast as a training step
+    if row.trains: seconds = preset.epochs * (n['train'] / rate + n['val'] / infer) + n['eval'] / infer
+    else:
+        steps = check_post_training(row.post_training)
+        seconds = len(row.base_rows) * (crt_views * n['train'] + n['eval']) / infer if steps else 0.0
+        if 'TTA' in steps: seconds += 2 * n['eval'] / infer
+    return seconds / 3600
+
+# %% ../nbs/11_study.ipynb #bb7400bf
+def table_plan(preset:str, # a `PRESETS` name
+               rows=None, # rows of the table (default: all) and the base rows they need
+               data=None, # the CXR-LT 2026 folder (its training CSV and Removal.csv are read)
+               img_per_s:float=None, # training images per second for every backbone (without a throughput file)
+               throughput=None, # a `throughput.json` of `benchmarks/gpu_throughput.py`
+               val_fraction:float=0.1, dev_fraction:float=0.1) -> pd.DataFrame:
+    "Per row: what it runs, images per epoch, epochs, training img/s and estimated GPU-hours; nothing is trained."
+    from cxrlt.data import read_image_ids
+    p = PRESETS[preset]
+    if data is None: raise ValueError('a plan needs the data: pass data=<folder with the CXR-LT 2026 files>')
+    files, rates = challenge_files(data), _throughput_rates(throughput)
+    total = _images_after_removal(files)
+    n_test = len(read_image_ids(files['test_csv'])) if files.get('test_csv') else 0
+    n = {'train': round(total * (1 - val_fraction - dev_fraction)), 'val': round(total * val_fraction)}
+    n['eval'] = n['val'] + round(total * dev_fraction) + n_test
+    recs = []
+    for r in row_plan(rows):
+        row = ROWS[r]
+        name = row_backbone(row, p) if row.trains else row_backbone(ROWS[row.base_rows[0]], p)
+        rate = rates.get((name, p.image_size), img_per_s)
+        recs.append({'row': r, 'model': row.model, 'loss': row.loss, 'post_training': row.post_training,
+                     'backbone': name, 'trains': row.trains, 'images_per_epoch': n['train'] if row.trains else 0,
+                     'epochs': p.epochs if row.trains else 0, 'img_per_s': rate,
+                     'gpu_hours': _row_hours(row, p, n, rate, p.crt_train_views)})
+    return pd.DataFrame(recs).set_index('row')
+
+# %% ../nbs/11_study.ipynb #0614ed4a
+def _plan_text(plan:pd.DataFrame, preset:str) -> str:
+    "The plan as a table and a closing line with the trainings and the total GPU-hours."
+    hours = plan.gpu_hours.map(lambda h: '—' if pd.isna(h) else f'{h:.3g}')
+    shown = plan.assign(gpu_hours=hours, img_per_s=plan.img_per_s.round(1))
+    known = plan.gpu_hours.notna()
+    total = f'{plan.gpu_hours[known].sum():.3g} GPU-hours' + ('' if known.all() else
+                                                          f' (rows {list(plan.index[~known])} have no throughput)')
+    return (shown.to_string(na_rep='—') + f'\n{preset} preset: {len(plan)} rows, {int(plan.trains.sum())} trainings, '
+            f'{int(plan.images_per_epoch.max())} images per epoch; estimated {total}')
 
 # %% ../nbs/11_study.ipynb #5c8a972e
 def _joined(csv) -> pd.DataFrame:
@@ -432,6 +510,7 @@ def run_table(preset:str='smoke', # 'smoke', 'demo' or 'paper'
     table_dir.mkdir(parents=True, exist_ok=True)
     plan = row_plan(rows)
     data = table_data(p, table_dir, data, progress=progress)
+    check_table_inputs(plan, p, data, table_dir, overrides)
     status, hashes, jobs = {}, {}, {}
     ex = None if executor == 'local' else _submitit_executor(executor, table_dir, slurm)
     bar = tqdm(plan, desc=f'table {preset}', disable=not progress)
@@ -558,6 +637,9 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synth
               data:str=None, # folder with the CXR-LT 2026 files and images (paper preset)
               out:str=None, # the table's folder (default: runs/table-<preset>)
               overrides:str=None, # JSON of per-row TrainConfig changes, e.g. '{"15": {"epochs": 30}}'
+              dry_run:bool=False, # print the plan and its estimated GPU-hours; train nothing
+              img_per_s:float=None, # training images/s of every backbone, for --dry-run
+              throughput:str=None, # throughput.json of benchmarks/gpu_throughput.py, for --dry-run
              ) -> int:
     "Run the table through papermill; finished rows are skipped, failures recorded; non-zero exit if a row failed."
     import sys
@@ -567,6 +649,11 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synth
     try: over = {int(k): v for k, v in json.loads(overrides).items()} if overrides else None
     except (ValueError, AttributeError):
         return fail(f'--overrides must be a JSON object of row -> {{key: value}}, got {overrides!r}')
+    if dry_run:
+        try: plan = table_plan(preset, row_list, data, img_per_s, throughput)
+        except (KeyError, ValueError, FileNotFoundError) as e: return fail(e.args[0] if e.args else e)
+        print(_plan_text(plan, preset))
+        return 0
     try: s = run_table(preset, row_list, executor, data, out, over)
     except (KeyError, ValueError, FileNotFoundError) as e: return fail(e.args[0] if e.args else e)
     for r, st in s['rows'].items():

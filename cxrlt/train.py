@@ -3,7 +3,8 @@
 # %% auto #0
 __all__ = ['SAMPLERS', 'cosine_warmup_factor', 'amp_dtype', 'autocast_for', 'init_distributed', 'gather_to_rank0',
            'broadcast_from_rank0', 'rank_seed', 'rng_state', 'set_rng_state', 'unwrap', 'train_one_epoch',
-           'predict_logits', 'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'fit', 'train_cli']
+           'predict_logits', 'TrainConfig', 'training_data', 'test_data', 'RunInputError', 'check_inputs',
+           'raise_on_problems', 'CheckpointSaver', 'fit', 'train_cli']
 
 # %% ../nbs/07_train.ipynb #f211d209
 import contextlib, dataclasses, functools, math, os, time
@@ -162,6 +163,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
                     max_batches:int=None, # stop early (smoke runs)
                     world_size:int=1, # processes training together (for images/s)
                     loss_scale:float=1.0, # multiplies the loss before backward (world size: sum-reduced loss, DDP)
+                    batch_transform=None, # applied to each batch on the device, e.g. `cxrlt.datasets.DeviceAugment`
                     desc:str='train', progress:bool=True) -> dict:
     "Train for one pass over `loader`; returns the mean loss, the last learning rate and images/s."
     model.train()
@@ -172,6 +174,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
     for i, (x, y) in enumerate(loader):
         if i >= n: break
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True).float()
+        if batch_transform is not None: x = batch_transform(x)
         if channels_last: x = x.contiguous(memory_format=torch.channels_last)
         step_now = (i + 1) % accum_steps == 0 or i + 1 == n
         group = min(accum_steps, n - i // accum_steps * accum_steps)   # micro-batches in this step's group
@@ -250,7 +253,7 @@ class TrainConfig(Config):
     ema_decay: Optional[float] = None  # keep and evaluate an EMA of the weights
     patience: Optional[int] = None  # early stopping: epochs without val mAP gain (counted afresh when DRW starts)
     sync_bn: bool = True  # SyncBatchNorm for BatchNorm backbones under several processes
-    num_workers: int = 0  # DataLoader workers per process
+    num_workers: Optional[int] = None  # reading threads per process (None: the CPUs it may use; 0: in the loop)
     max_batches_per_epoch: Optional[int] = None  # cut epochs short (smoke runs)
     # run
     out_dir: Path = Path('runs')  # folder of run directories
@@ -320,6 +323,93 @@ def test_data(cfg:TrainConfig) -> Optional[dict]:
         labels = answers.loc[df.ImageID, CLASSES].to_numpy(np.float32)
     return {'test': df, 'cache': cache, 'labels': labels}
 
+# %% ../nbs/07_train.ipynb #e79ede67
+class RunInputError(ValueError):
+    "The inputs of a run cannot work; the message lists every problem found before training."
+
+def _attempt(problems:list, what:str, f):
+    "`f()`, or None after adding 'what: why' to `problems` when it raises an error about its input."
+    try: return f()
+    except (ValueError, KeyError, TypeError, FileNotFoundError, RuntimeError, OSError) as e:
+        problems.append(f'{what}: {e.args[0] if e.args else e}')
+
+def _cache_problems(cache, ids, what:str, failures_fatal:bool) -> list:
+    "Images of `ids` the cache lacks, or (when fatal) failed to decode."
+    held, out = set(cache.image_ids), []
+    missing = [v for v in ids if v not in held]
+    if missing: out.append(f'{what} cache {cache.path} lacks {len(missing)} of the {len(ids)} {what} images, '
+                           f'e.g. {missing[:3]} (built for another CSV? rebuild it with `cxrlt cache`)')
+    failed = sorted(set(cache.failed_ids) & set(ids))
+    if failed and failures_fatal:
+        out.append(f'{len(failed)} {what} images failed to decode in {cache.path}, e.g. {failed[:3]} '
+                   f'(see {cache.path/"failures.csv"}); every {what} image needs a prediction')
+    return out
+
+# %% ../nbs/07_train.ipynb #13701b4c
+def _training_problems(cfg:TrainConfig) -> tuple:
+    "Problems with the training CSV, Removal.csv, the training cache and the split file; and the cache."
+    from cxrlt.cache import open_cache
+    from cxrlt.data import read_removal_csv, read_training_csv
+    from cxrlt.splits import load_split
+    p = []
+    train = _attempt(p, 'train_csv', lambda: read_training_csv(cfg.train_csv))
+    if cfg.removal_csv is not None: _attempt(p, 'removal_csv', lambda: read_removal_csv(cfg.removal_csv))
+    cache = _attempt(p, 'train_cache', lambda: open_cache(cfg.train_cache))
+    if train is not None and cache is not None: p += _cache_problems(cache, train.ImageID, 'training', False)
+    split_file = Path(cfg.split_file or Path(cfg.out_dir)/'split.csv')
+    if split_file.exists(): _attempt(p, 'split_file', lambda: load_split(split_file))
+    return p, cache
+
+# %% ../nbs/07_train.ipynb #30372107
+def _test_problems(cfg:TrainConfig, train_cache) -> list:
+    "Problems with the test CSV, its cache (same size as the training cache) and its answers."
+    from cxrlt.cache import open_cache
+    from cxrlt.data import read_test_csv, read_training_csv
+    p = []
+    test = _attempt(p, 'test_csv', lambda: read_test_csv(cfg.test_csv))
+    if cfg.test_cache is None: return p + ['test_cache: test_csv is given but test_cache is not (`cxrlt cache`)']
+    cache = _attempt(p, 'test_cache', lambda: open_cache(cfg.test_cache))
+    if test is not None and cache is not None: p += _cache_problems(cache, test.ImageID, 'test', True)
+    if cache is not None and train_cache is not None and cache.size != train_cache.size:
+        p.append(f'test_cache holds {cache.size} px images but train_cache {train_cache.size} px; one size for both')
+    if cfg.test_labels_csv is not None and test is not None:
+        answers = _attempt(p, 'test_labels_csv', lambda: read_training_csv(cfg.test_labels_csv))
+        lack = [] if answers is None else sorted(set(test.ImageID) - set(answers.ImageID))
+        if lack: p.append(f'test_labels_csv has no labels for {len(lack)} test images, e.g. {lack[:3]}')
+    return p
+
+# %% ../nbs/07_train.ipynb #6f625b5f
+def _config_problems(cfg:TrainConfig) -> list:
+    "Problems with the backbone, the weights file and the loss the config names."
+    from cxrlt.losses import make_loss
+    from cxrlt.models import backbone
+    p = []
+    _attempt(p, 'backbone', lambda: backbone(cfg.backbone))
+    if cfg.pretrained_path is not None and not Path(cfg.pretrained_path).is_file():
+        p.append(f'pretrained_path: {cfg.pretrained_path} is not a file')
+    if cfg.drw_start_epoch is not None and cfg.drw_start_epoch >= cfg.epochs:
+        p.append(f'drw_start_epoch: {cfg.drw_start_epoch} leaves no re-weighted epoch in {cfg.epochs} epochs')
+    _attempt(p, 'loss', lambda: make_loss(cfg.loss, np.ones(len(CLASSES)), drw_start_epoch=cfg.drw_start_epoch,
+                                          drw_beta=cfg.drw_beta, drw_mode=cfg.drw_mode,
+                                          **{'n_images': 2 * len(CLASSES), **cfg.loss_kwargs}))
+    return p
+
+# %% ../nbs/07_train.ipynb #bb1a1543
+def check_inputs(cfg:TrainConfig, # the run to check
+                 files:bool=True, # also the data files and caches (False: the config's own choices only)
+                ) -> list:
+    "Every problem `fit` would meet in its inputs, one line each, found before anything trains (empty: none)."
+    p = _config_problems(cfg)
+    if not files: return p
+    if cfg.train_csv is None or cfg.train_cache is None: return p + ['train_csv and train_cache are required']
+    data, cache = _training_problems(cfg)
+    return p + data + (_test_problems(cfg, cache) if cfg.test_csv is not None else [])
+
+def raise_on_problems(problems:list, what:str):
+    "A `RunInputError` listing `problems` (nothing when there is none)."
+    if problems: raise RunInputError(f'{what} cannot start; {len(problems)} problem(s) with its inputs:\n  - '
+                                     + '\n  - '.join(problems))
+
 # %% ../nbs/07_train.ipynb #af08f551
 def _make_sampler(cfg, labels, rank, world):
     from cxrlt.samplers import ClassAwareSampler, InstanceBalancedSampler, RepeatFactorSampler, SquareRootSampler
@@ -342,7 +432,7 @@ def _predict_dataset(model, ds, cfg, rank, world, device, autocast) -> Optional[
     mine = np.concatenate([idx, idx[:pad]])[rank::world]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine.tolist()),
                                          batch_size=max(1, cfg.batch_size // world), shuffle=False,
-                                         num_workers=cfg.num_workers)
+                                         num_workers=0)
     logits = predict_logits(model, loader, device=device, autocast=autocast, channels_last=cfg.channels_last,
                             progress=cfg.progress and rank == 0)
     parts = gather_to_rank0((mine, logits))
@@ -477,13 +567,15 @@ def _best_epoch_phase(best_epoch:int, drw_start_epoch:Optional[int]) -> Optional
 
 # %% ../nbs/07_train.ipynb #f8dc1a7a
 def _open_run(cfg:TrainConfig, rank:int) -> tuple:
-    "The run directory and, when the run is already complete, its saved metrics (rank 0 decides for every rank)."
-    run_dir, finished = Path(cfg.out_dir)/cfg.resolved_run_name(), None
+    "The run directory and, when complete, its saved metrics; a `RunInputError` first when its inputs cannot work."
+    run_dir, finished, problems = Path(cfg.out_dir)/cfg.resolved_run_name(), None, []
     if rank == 0:
         if (run_dir/'metrics.json').exists() and load_json(run_dir/'manifest.json').get('status') == 'completed':
             finished = load_json(run_dir/'metrics.json')
             logger.info(f'{run_dir} is already complete; returning its metrics')
-        else: start_run(cfg.out_dir, run_dir.name, cfg, resume=True)
+        else: problems = check_inputs(cfg)
+        if not problems and finished is None: start_run(cfg.out_dir, run_dir.name, cfg, resume=True)
+    raise_on_problems(broadcast_from_rank0(problems), f'run {run_dir.name}')   # every rank stops together
     return run_dir, broadcast_from_rank0(finished)
 
 # %% ../nbs/07_train.ipynb #62ca5e43
@@ -495,10 +587,10 @@ def _run_data(cfg:TrainConfig, rank:int, world:int) -> dict:
 
 # %% ../nbs/07_train.ipynb #57613ccf
 def _train_loader(cfg:TrainConfig, dataset, labels:np.ndarray, rank:int, world:int, device):
-    "Each process's loader of training batches, drawn by the configured long-tail sampler."
-    sampler, per_rank = _make_sampler(cfg, labels, rank, world), cfg.batch_size // world
-    return torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=cfg.num_workers,
-                                       drop_last=len(sampler) > per_rank, pin_memory=device.type == 'cuda')
+    "Each process's uint8 training batches (`cxrlt.datasets.train_loader`), drawn by the long-tail sampler."
+    from cxrlt.datasets import train_loader
+    return train_loader(dataset, cfg.batch_size // world, sampler=_make_sampler(cfg, labels, rank, world),
+                        num_workers=cfg.num_workers, pin_memory=device.type == 'cuda')
 
 # %% ../nbs/07_train.ipynb #cc32d37b
 def _build_model(cfg:TrainConfig, size:int, device) -> nn.Module:
@@ -632,7 +724,7 @@ def fit(cfg:TrainConfig) -> dict:
 # %% ../nbs/07_train.ipynb #88a87d80
 def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
     "The body of `fit`: data, model, loss and optimisation, the epochs, then predictions from the best checkpoint."
-    from cxrlt.datasets import CachedImageDataset, train_augmentation
+    from cxrlt.datasets import CachedImageDataset, DeviceAugment
     from cxrlt.labels import class_groups
     from cxrlt.losses import make_loss
     data = _run_data(cfg, rank, world)
@@ -640,8 +732,8 @@ def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
     _, y_val, val_ds = splits['val']
     y_train = train_df[CLASSES].to_numpy(np.float32)
     counts = y_train.sum(0).astype(np.int64)
-    train_ds = CachedImageDataset(cache, train_df.ImageID, y_train, transform=train_augmentation(cfg.augment))
-    loader = _train_loader(cfg, train_ds, y_train, rank, world, device)
+    train_ds = CachedImageDataset(cache, train_df.ImageID, y_train, normalize=False)   # uint8 rows, augmented on device
+    loader, augment = _train_loader(cfg, train_ds, y_train, rank, world, device), DeviceAugment(cfg.augment)
     model = _build_model(cfg, cache.size, device)
     seed_everything(rank_seed(cfg.seed, rank), cfg.deterministic)   # same weights everywhere, own augmentations
     loss_fn = make_loss(cfg.loss, _loss_counts(counts), drw_start_epoch=cfg.drw_start_epoch, drw_beta=cfg.drw_beta,
@@ -665,7 +757,8 @@ def _train(cfg:TrainConfig, run_dir:Path, rank:int, world:int, device) -> dict:
                              autocast=opt['autocast'], scaler=opt['scaler'], accum_steps=cfg.accum_steps,
                              grad_clip=cfg.grad_clip, ema=opt['ema'], channels_last=cfg.channels_last,
                              max_batches=cfg.max_batches_per_epoch, world_size=world, loss_scale=loss_scale,
-                             desc=f'epoch {epoch + 1}/{cfg.epochs}', progress=cfg.progress and rank == 0)
+                             batch_transform=augment, desc=f'epoch {epoch + 1}/{cfg.epochs}',
+                             progress=cfg.progress and rank == 0)
         val = _validate(saver.evaluated, loss_fn, val_ds, y_val, groups, cfg, rank, world, device, opt['autocast'])
         rngs = gather_to_rank0(rng_state())
         if rank == 0:
@@ -695,7 +788,10 @@ def train_cli(overrides:Param('config overrides, key=value (values parsed as YAM
     except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
         print(f'cxrlt train: {e.args[0] if e.args else e}', file=sys.stderr)
         return 2
-    r = fit(cfg)
+    try: r = fit(cfg)
+    except RunInputError as e:
+        print(f'cxrlt train: {e}', file=sys.stderr)
+        return 2
     if int(os.environ.get('RANK', '0')) == 0:
         print(f"{r['run_dir']}: best epoch {r['best_epoch']}, val mAP {r['val']['mAP']:.4f}"
               + (f", test mAP {r['test']['mAP']:.4f}" if r.get('test') else ''))

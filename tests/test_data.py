@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cxrlt.core import log_to_file
 from cxrlt.data import (ID_COLUMNS, PADCHEST_COLUMNS, ChallengeFileError, coarse_patient_id, is_coarse_patient_id_of,
                         join_padchest, load_training_table, padchest_master_path, read_image_ids, read_padchest_master,
                         read_removal_csv, read_test_csv, read_training_csv, remove_images)
@@ -273,3 +274,137 @@ def test_load_training_table(tmp_path, sample):
     assert df['ImageID'].tolist() == [r[0] for i, r in enumerate(rows) if i not in (0, 3)]
     assert df['PadChestPatientID'].tolist() == [p for i, p in enumerate(sample['PatientID']) if i not in (0, 3)]
     assert df.attrs['removal']['removed'] == 2 and df.attrs['padchest_join']['matched'] == len(rows) - 2
+
+
+# ---------------------------------------------------------------- the release's layouts (replicas with invented IDs)
+
+UNNAMED = 30  # empty names after the identifiers of the released test CSV, empty fields at the end of its rows
+RELEASE_IDS = [['img0001.png', '20160101', '1.23E+38'], ['img0002.png', '20160102', '1.00E+30'],
+               ['img0003.png', '20151231', '4.56E+37']]
+LAYOUTS = [pytest.param(eol, final, id=f"{name}-{'final-newline' if final else 'no-final-newline'}")
+           for name, eol in [('lf', '\n'), ('crlf', '\r\n')] for final in [True, False]]
+
+
+def write_release(path, header, rows, eol='\n', final_newline=True):
+    "Write a CSV byte for byte: `eol` between lines, and after the last one only when `final_newline`."
+    text = eol.join(','.join(r) for r in [header] + rows) + (eol if final_newline else '')
+    Path(path).write_bytes(text.encode('utf-8'))
+    return Path(path)
+
+
+def released_test(rows=RELEASE_IDS, unnamed=UNNAMED):
+    "Header and rows of the released test CSV: the identifiers, then `unnamed` empty names and empty fields."
+    return ID_COLUMNS + [''] * unnamed, [list(r) + [''] * unnamed for r in rows]
+
+
+def read_logged(tmp_path, reader, path):
+    "`reader(path)` and the messages the cxrlt logger wrote while it ran."
+    with log_to_file(tmp_path / 'read.log') as log: out = reader(path)
+    return out, [line.split(' INFO ', 1)[1] for line in log.read_text().splitlines() if ' INFO ' in line]
+
+
+@pytest.mark.parametrize('eol, final', LAYOUTS)
+def test_released_test_csv_layout_reads(tmp_path, eol, final):
+    path = write_release(tmp_path / 'CXRLT_2026_TEST_ALL_TASK1.csv', *released_test(), eol=eol, final_newline=final)
+    df, logged = read_logged(tmp_path, read_test_csv, path)
+    assert list(df.columns) == ID_COLUMNS
+    assert df['ImageID'].tolist() == [r[0] for r in RELEASE_IDS]
+    assert df['StudyDate_DICOM'].tolist() == [int(r[1]) for r in RELEASE_IDS]
+    assert df['PatientID'].tolist() == [r[2] for r in RELEASE_IDS]  # the file's text, never a float
+    assert df['PatientID'].map(type).eq(str).all()
+    assert logged == [f'{path}: dropped 30 unnamed columns, empty on every row']
+    assert read_image_ids(path) == [r[0] for r in RELEASE_IDS]
+
+
+@pytest.mark.parametrize('eol, final', LAYOUTS)
+def test_released_training_csv_layout_is_unchanged(tmp_path, eol, final):
+    header = ID_COLUMNS + [c + '\t' for c in CLASSES]
+    rows = [r[:3] + ['1' if c in ('Normal', 'sternotomy') else '0' for c in CLASSES]
+            for r in [list(i) for i in RELEASE_IDS]]
+    path = write_release(tmp_path / 'CXRLT_2026_training.csv', header, rows, eol=eol, final_newline=final)
+    df, logged = read_logged(tmp_path, read_training_csv, path)
+    assert list(df.columns) == ID_COLUMNS + CLASSES and logged == []
+    assert df['PatientID'].tolist() == [r[2] for r in RELEASE_IDS]
+    assert df[CLASSES].sum().to_dict() == {c: 3 if c in ('Normal', 'sternotomy') else 0 for c in CLASSES}
+
+
+@pytest.mark.parametrize('eol', [pytest.param('\n', id='lf'), pytest.param('\r\n', id='crlf')])
+def test_released_removal_csv_layout_reads(tmp_path, eol):
+    path = write_release(tmp_path / 'Removal.csv', ID_COLUMNS, RELEASE_IDS[1:], eol=eol, final_newline=False)
+    assert path.read_bytes().endswith(b'4.56E+37')
+    assert read_removal_csv(path) == ['img0002.png', 'img0003.png']
+
+
+def test_training_csv_drops_unnamed_empty_columns(tmp_path):
+    header = ID_COLUMNS[:1] + [' '] + ID_COLUMNS[1:] + CLASSES + ['', '\t']
+    rows = [[r[0], ''] + r[1:3] + ['1'] + ['0'] * 29 + [''] for r in [list(i) for i in RELEASE_IDS]]
+    rows[1] = rows[1] + ['']  # the last field is there on one row and absent on the others: empty either way
+    path = write_csv(tmp_path / 'train.csv', header, rows)
+    df, logged = read_logged(tmp_path, read_training_csv, path)
+    assert list(df.columns) == ID_COLUMNS + CLASSES
+    assert df['PatientID'].tolist() == [r[2] for r in RELEASE_IDS] and df['Normal'].tolist() == [1, 1, 1]
+    assert logged == [f'{path}: dropped 3 unnamed columns, empty on every row']
+
+
+def unnamed_message(path, column, value, lines):
+    return (f'{path}: column {column} has no name but holds {value!r} on {lines}; '
+            'a column without a name must be empty on every row')
+
+
+@pytest.mark.parametrize('cells, column, value, lines', [
+    ({(1, 4): 'x'}, 8, 'x', 'line 3'),  # 5th unnamed field of the 2nd row
+    ({(2, 29): '0'}, 33, '0', 'line 4'),  # the last field of the last row
+    ({(0, 0): ' '}, 4, ' ', 'line 2'),  # a blank is a value too
+    ({(2, 3): 'b', (0, 3): 'a', (1, 10): 'c'}, 7, 'a', 'lines 2, 4'),  # the first column holding one, its first line
+])
+@pytest.mark.parametrize('eol, final', LAYOUTS)
+def test_unnamed_column_with_a_value_is_refused(tmp_path, cells, column, value, lines, eol, final):
+    header, rows = released_test()
+    for (r, j), v in cells.items(): rows[r][3 + j] = v
+    path = write_release(tmp_path / 'test.csv', header, rows, eol=eol, final_newline=final)
+    with pytest.raises(ChallengeFileError) as e: read_test_csv(path)
+    assert str(e.value) == unnamed_message(path, column, value, lines)
+
+
+def test_unnamed_column_with_a_value_is_refused_in_the_training_csv(tmp_path):
+    rows = [r + [''] for r in training_rows(4)]
+    rows[3][-1] = '1'
+    path = write_csv(tmp_path / 'train.csv', HEADER + [''], rows)
+    with pytest.raises(ChallengeFileError) as e: read_training_csv(path)
+    assert str(e.value) == unnamed_message(path, 34, '1', 'line 5')
+
+
+def test_named_column_messages_win_over_dropped_unnamed_columns(tmp_path):
+    header, rows = released_test()
+    path = write_csv(tmp_path / 'nodate.csv', [h for h in header if h != 'StudyDate_DICOM'],
+                     [r[:1] + r[2:] for r in rows])
+    with pytest.raises(ChallengeFileError) as e: read_test_csv(path)
+    assert str(e.value) == (f"{path}: column 'StudyDate_DICOM' is missing. "
+                            'Expected columns: ImageID, StudyDate_DICOM, PatientID')
+    # a named column keeps its position in the file when an unnamed one comes before it
+    path = write_csv(tmp_path / 'typo.csv', ['ImageID', '', 'StudyDate_DICOM', 'patientid'] + [''] * 3,
+                     [['img0001.png', '', '20160101', '1.23E+38', '', '', '']])
+    with pytest.raises(ChallengeFileError) as e: read_test_csv(path)
+    assert str(e.value) == (f"{path}: column 4 'patientid' is not a column of the label-less CSV (did you mean "
+                            "'PatientID'?); column 'PatientID' is missing. Expected columns: ImageID, StudyDate_DICOM, "
+                            "PatientID")
+    path = write_csv(tmp_path / 'label.csv', ID_COLUMNS + ['', 'Normal', ''], [r[:3] + ['', '1', ''] for r in rows])
+    with pytest.raises(ChallengeFileError) as e: read_test_csv(path)
+    assert str(e.value) == (f"{path}: column 5 'Normal' is a label column, which a test CSV must not have. "
+                            'Expected columns: ImageID, StudyDate_DICOM, PatientID')
+    path = write_csv(tmp_path / 'nomass.csv', [h for h in HEADER if h != 'Mass'] + [''] * 2,
+                     [r[:HEADER.index('Mass')] + r[HEADER.index('Mass') + 1:] + ['', ''] for r in training_rows()])
+    with pytest.raises(ChallengeFileError) as e: read_training_csv(path)
+    assert str(e.value) == f"{path}: column 'Mass' is missing. Expected columns: {', '.join(HEADER)}"
+
+
+def test_identifier_checks_after_dropping_unnamed_columns(tmp_path):
+    header, rows = released_test()
+    for r, c, v, expected in [(1, 2, ' ', "column 'PatientID': empty cell on line 3"),
+                              (2, 0, 'img0001.png', "column 'ImageID': 'img0001.png' appears on lines 2, 4"),
+                              (0, 1, '2016-01-01', "column 'StudyDate_DICOM': '2016-01-01' on line 2")]:
+        bad = [list(x) for x in rows]
+        bad[r][c] = v
+        path = write_release(tmp_path / 'test.csv', header, bad, eol='\r\n', final_newline=False)
+        with pytest.raises(ChallengeFileError) as e: read_test_csv(path)
+        assert str(e.value).startswith(f'{path}: {expected}')

@@ -17,9 +17,9 @@ def cxrlt(*args, **kw):
 
 @pytest.fixture(scope='module')
 def smoke_table(tmp_path_factory):
-    "Rows 1 (made to fail), 3 and 4 (cRT on 3) of the smoke preset."
+    "Rows 1 (made to fail while it trains: its loss overflows), 3 and 4 (cRT on 3) of the smoke preset."
     out = tmp_path_factory.mktemp('table')
-    broken = json.dumps({'1': {'loss_kwargs': {'no_such_option': 1}}})
+    broken = json.dumps({'1': {'lr': 1e30}})
     r = cxrlt('table', '--preset', 'smoke', '--rows', '1,3,4', '--out', out, '--overrides', broken)
     return out, r
 
@@ -29,8 +29,8 @@ def test_failing_row_is_recorded_and_others_finish(smoke_table):
     assert r.returncode == 1, r.stdout + r.stderr
     assert 'row  1: failed' in r.stdout and 'row  3: done' in r.stdout and 'row  4: done' in r.stdout, r.stdout
     err = json.loads((out/'rows'/'row01'/'error.json').read_text())
-    assert 'no_such_option' in err['error'], err['error']
-    assert 'no_such_option' in err['traceback'] and 'Traceback' in err['traceback'], err['traceback'][-2000:]
+    assert 'loss is nan at batch' in err['error'], err['error']
+    assert 'FloatingPointError' in err['traceback'] and 'Traceback' in err['traceback'], err['traceback'][-2000:]
     assert (out/'rows'/'row01'/'train_row.ipynb').exists()  # the executed notebook is the record
     res = pd.read_csv(out/'results.csv')
     assert set(res.row) == {3, 4}
@@ -51,6 +51,17 @@ def test_claims_are_tested_on_dev(smoke_table):
     assert c.ci_low[0] <= c['ours Δ'][0] <= c.ci_high[0] and c.verdict[0] in ('holds', 'contradicted', 'inconclusive')
     on_val = paper_claims(out, n_bootstrap=20, split='val')
     assert on_val['ours Δ'][0] != c['ours Δ'][0]   # dev and val are other patients
+
+
+def test_bad_inputs_stop_the_table_before_any_row_trains(smoke_table, tmp_path):
+    "Every problem of every row at once (a bad loss option in row 1, a missing weights file in row 3), nothing run."
+    out, _ = smoke_table
+    bad = json.dumps({'1': {'loss_kwargs': {'no_such_option': 1}}, '3': {'pretrained_path': str(tmp_path/'w.pt')}})
+    r = cxrlt('table', '--preset', 'smoke', '--rows', '1,3', '--out', tmp_path/'t', '--overrides', bad)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert '2 problem(s) with its inputs' in r.stderr and "row 1: loss: loss 'bce' does not take" in r.stderr
+    assert f"row 3: pretrained_path: {tmp_path/'w.pt'} is not a file" in r.stderr, r.stderr
+    assert not (tmp_path/'t'/'rows').exists() and not (tmp_path/'t'/'runs').exists()
 
 
 def test_rerun_skips_finished_rows(smoke_table):
@@ -122,3 +133,28 @@ def test_recipe_add_a_row(smoke_table, tmp_path, monkeypatch):
     finally:  # leave the shared table as the other tests expect it
         shutil.rmtree(table/'rows'/'row18', ignore_errors=True)
         study.collect_results(table)
+
+
+def test_dry_run_plans_the_paper_table_without_training(tmp_path):
+    "A replica of the release (names, Removal.csv) and a throughput file: the plan's hours follow from the counts."
+    from conftest import tiny_challenge
+    from cxrlt.models import paper_backbones
+    d = tiny_challenge(tmp_path/'release', n_train=96, n_test=24)
+    (d/'train.csv').rename(d/'CXRLT_2026_training.csv')
+    (d/'test.csv').rename(d/'CXRLT_2026_TEST_ALL_TASK1.csv')
+    (d/'Removal.csv').write_text('ImageID,StudyDate_DICOM,PatientID\n' + '\n'.join(
+        f'img{i:04d}.png,20200101,{i + 1}.00E+30' for i in range(6)))          # three columns, no final newline
+    names = [b.name for b in paper_backbones()]
+    report = {'results': [{'model': n, 'size': 512, 'status': 'ok', 'img_s': 100.0} for n in names[1:]]}
+    (tmp_path/'throughput.json').write_text(json.dumps(report))
+    r = cxrlt('table', '--preset', 'paper', '--data', d, '--dry-run', '--throughput', tmp_path/'throughput.json')
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'paper preset: 17 rows, 9 trainings, 72 images per epoch' in r.stdout, r.stdout
+    from cxrlt.study import table_plan
+    plan = table_plan('paper', data=d, throughput=tmp_path/'throughput.json')
+    n_train, n_val, n_eval = round(90 * 0.8), round(90 * 0.1), round(90 * 0.1) * 2 + 24   # 96 images less 6 removed
+    hours = (20 * (n_train / 100 + n_val / 300) + n_eval / 300) / 3600
+    trained = plan[plan.trains & plan.img_per_s.notna()]
+    assert len(trained) and all(abs(h - hours) < 1e-12 for h in trained.gpu_hours)
+    assert plan[plan.backbone == names[0]].gpu_hours.isna().all()   # no throughput for it: unknown, not zero
+    assert 'have no throughput' in r.stdout

@@ -104,6 +104,21 @@ def test_two_processes_match_one(tiny):
     assert len(load_checkpoint(tiny/'one'/'row'/'last.pt')['rng']) == 1
 
 
+def test_bad_inputs_stop_the_run_before_it_trains(tiny, tmp_path):
+    "A test CSV with label columns and an incomplete cache: both named at once, exit 2, no run folder made."
+    import shutil
+    shutil.copytree(tiny/'cache', tmp_path/'cache')
+    (tmp_path/'cache'/'cache.json').write_text((tmp_path/'cache'/'cache.json').read_text().replace(
+        '"status": "complete"', '"status": "building"'))
+    config = write_config(tiny, tmp_path/'bad', test_csv=str(tiny/'train.csv'), test_cache=str(tmp_path/'cache'))
+    r = train(config)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert 'run row cannot start; 2 problem(s) with its inputs' in r.stderr, r.stderr[-3000:]
+    assert "test_csv: " in r.stderr and "is a label column, which a test CSV must not have" in r.stderr
+    assert 'test_cache: ' in r.stderr and 'is not complete' in r.stderr
+    assert 'Traceback' not in r.stderr and not (tmp_path/'bad'/'row').exists()
+
+
 def test_bad_config_key_is_refused(tiny, tmp_path):
     config = write_config(tiny, tmp_path/'bad')
     r = train(config, 'learning_rate=0.1')
