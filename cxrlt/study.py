@@ -219,7 +219,8 @@ def row_plan(rows=None, # rows to run (default: every registered row)
 def check_table_inputs(plan:list, # rows to run (`row_plan`)
                        preset:Preset, data:dict, table_dir, overrides:dict=None) -> None:
     "A `RunInputError` listing every problem the plan's training rows would meet in their inputs, before any trains."
-    from cxrlt.train import TrainConfig, check_inputs, raise_on_problems
+    from cxrlt.checks import check_inputs, raise_on_problems
+    from cxrlt.train import TrainConfig
     problems, files = [], True
     for row in [r for r in plan if ROWS[r].trains]:
         cfg = TrainConfig.from_dict(training_config(row, preset, data, table_dir, (overrides or {}).get(row)),
