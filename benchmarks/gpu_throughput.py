@@ -6,9 +6,9 @@ the data path included: uint8 batches read from a synthetic `cxrlt.cache` image 
 `CachedImageDataset(normalize=False)` through `train_loader` (worker processes, pinned memory; `cache_dataloader`
 where cxrlt.datasets has no `train_loader`), copied to the device and augmented + normalised there by
 `DeviceAugment` (`normalize_batch` where there is none, or with `--device-transform normalize`), channels_last,
-bf16 autocast, BCE over the 30 classes, fused AdamW, `torch.compile` (falling back to eager, with a message, when
-compiling fails). Warm-up steps (the first one compiles) are not timed; the timed region starts and ends with
-`torch.cuda.synchronize()`.
+bf16 autocast, BCE over the 30 classes, fused AdamW, `torch.compile` through `cxrlt.devices.CompiledOrEager`
+(eager, with a message, when compiling fails), as `fit` runs on CUDA. Warm-up steps (the first one compiles) are
+not timed; the timed region starts and ends with `torch.cuda.synchronize()`.
 
 Per backbone x size: images/s; training TFLOP/s = 3 x forward FLOPs x images/s, the forward FLOPs of one image
 counted by `cxrlt.models.model_complexity` (torch's FlopCounterMode on the meta device, 2 FLOPs per multiply-add);
@@ -43,7 +43,7 @@ from cxrlt.core import atomic_write, git_state, host_info, package_versions, sav
 from cxrlt.datasets import CachedImageDataset, cache_dataloader, normalize_batch
 from cxrlt.labels import CLASSES
 from cxrlt.models import backbone, create_model, model_complexity, paper_backbones
-from cxrlt.train import amp_dtype, autocast_for
+from cxrlt.devices import CompiledOrEager, amp_dtype, autocast_for
 
 FLOPS_SOURCE = ('cxrlt.models.model_complexity: torch.utils.flop_counter.FlopCounterMode over one image\'s forward '
                 'pass on the meta device (2 FLOPs per multiply-add); training FLOPs taken as 3 x forward')
@@ -320,22 +320,17 @@ def build(name:str, size:int, ctx:Context) -> tuple:
     optimizer = torch.optim.AdamW(eager.parameters(), lr=1e-4, weight_decay=0.05, fused=ctx.device.type == 'cuda')
     if ctx.settings.compile == 'off': return eager, optimizer, eager
     torch._dynamo.reset()   # forget earlier models' graphs: timm blocks share code, recompiles add up to the limit
-    return eager, optimizer, torch.compile(eager)
+    return eager, optimizer, CompiledOrEager(eager)
 
 
-def first_step(run, eager, optimizer, step, ctx:Context) -> tuple:
-    "(model, compile note, seconds): the first step, where torch.compile compiles; on a compile error, eager."
+def first_step(run, step, ctx:Context) -> tuple:
+    "(compile note, seconds): the first step, where `CompiledOrEager` compiles, or falls back to eager with a message."
     t = time.perf_counter()
-    try:
-        step(run); sync(ctx.device)
-        return run, ctx.settings.compile, time.perf_counter() - t
-    except Exception as e:
-        if run is eager or is_oom(e): raise
-        why = f'{type(e).__name__}: {(str(e).strip().splitlines() or [""])[0]}'[:300]
-    print(f'  torch.compile failed ({why}); falling back to eager for this measurement', flush=True)
-    optimizer.zero_grad(set_to_none=True); torch._dynamo.reset()
-    t = time.perf_counter(); step(eager); sync(ctx.device)
-    return eager, f'failed, ran eager: {why}', time.perf_counter() - t
+    step(run); sync(ctx.device)
+    seconds = time.perf_counter() - t
+    if getattr(run, 'error', None) is None: return ctx.settings.compile, seconds
+    print(f'  torch.compile failed ({run.error[:300]}); this measurement ran eagerly', flush=True)
+    return f'failed, ran eager: {run.error[:300]}', seconds
 
 
 def timed_training(name:str, size:int, batch:int, ctx:Context, deadline:float) -> tuple:
@@ -345,7 +340,7 @@ def timed_training(name:str, size:int, batch:int, ctx:Context, deadline:float) -
     eager, optimizer, run = build(name, size, ctx)
     batches = training_batches(ctx.caches[size], ctx.ids, batch, s.workers, ctx.device)
     step = lambda m: train_step(m, optimizer, *next(batches), ctx)
-    run, compiled, first_s = first_step(run, eager, optimizer, step, ctx)
+    compiled, first_s = first_step(run, step, ctx)
     for _ in range(s.warmup_steps - 1): step(run)
     sync(ctx.device)
     n, t = 0, time.perf_counter()

@@ -17,7 +17,8 @@ import torch
 from cxrlt.core import choose_device
 from cxrlt.models import create_model
 from cxrlt.posttrain import tta_log_odds
-from cxrlt.train import amp_dtype, autocast_for, predict_logits
+from cxrlt.devices import amp_dtype, autocast_for
+from cxrlt.train import predict_logits
 
 
 def sync(device):

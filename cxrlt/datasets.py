@@ -316,11 +316,14 @@ def augment(self:DeviceAugment, x:torch.Tensor, params:dict) -> torch.Tensor:
 @patch
 def __call__(self:DeviceAugment, images:torch.Tensor, # uint8 (B, 1, S, S) batch, on any device
              generator:torch.Generator=None, # draw from it (one on the batch's device avoids copies); default: global
+             shard:tuple=(0, 1), # (rank, world size): draw for the global batch, apply the draws at rank::world
             ) -> torch.Tensor:
     "Float32 (B, channels, S, S): the batch augmented per sample and normalised, on the batch's device."
     _check_uint8_batch(images)
+    rank, world = shard
     x = images.float().div_(255)
-    x = self.augment(x, self.params(len(x), *x.shape[-2:], generator=generator, device=x.device))
+    params = self.params(len(x) * world, *x.shape[-2:], generator=generator, device=x.device)
+    x = self.augment(x, {k: v[rank::world] for k, v in params.items()} if world > 1 else params)
     if x.device not in self._normalisers:
         self._normalisers[x.device] = tuple(t.to(x.device)[None] for t in _scale_shift(self.mean, self.std))
     scale, shift = self._normalisers[x.device]

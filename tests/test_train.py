@@ -30,9 +30,9 @@ def write_config(folder, out, **kw):
     return path
 
 
-def train(config, *extra, launcher=()):
+def train(config, *extra, launcher=(), env=None):
     return subprocess.run([*launcher, str(BIN/'cxrlt'), 'train', '--config', str(config), *extra],
-                          capture_output=True, text=True, env=ENV, timeout=600)
+                          capture_output=True, text=True, env={**ENV, **(env or {})}, timeout=600)
 
 
 def outputs(run_dir):
@@ -82,10 +82,9 @@ def test_kill_and_resume_is_bit_identical(tiny, reference):
 
 
 def test_two_processes_match_one(tiny):
-    "torchrun with 2 gloo processes, batch 8 each, equals 1 process with batch 16 (LayerNorm backbone, no augmenting)."
-    common = dict(backbone='convnext_atto', epochs=2, lr=0.002,
-                  augment={'hflip': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': [1.0, 1.0], 'brightness': 0.0,
-                           'contrast': 0.0})
+    """torchrun with 2 gloo processes, batch 8 each, equals 1 process with batch 16 (LayerNorm backbone), with the
+    default augmentations on the device: each rank applies its images' share of one draw for the global batch."""
+    common = dict(backbone='convnext_atto', epochs=2, lr=0.002)
     r1 = train(write_config(tiny, tiny/'one', **common))
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = train(write_config(tiny, tiny/'two', **common),
@@ -102,6 +101,37 @@ def test_two_processes_match_one(tiny):
     rngs = load_checkpoint(tiny/'two'/'row'/'last.pt')['rng']
     assert len(rngs) == 2 and not torch.equal(rngs[0]['torch'], rngs[1]['torch'])
     assert len(load_checkpoint(tiny/'one'/'row'/'last.pt')['rng']) == 1
+    settings = json.loads((tiny/'two'/'row'/'manifest.json').read_text())['device_settings']
+    assert [settings[k] for k in ('world_size', 'device', 'amp', 'compile')] == [2, 'cpu', 'off', False]
+
+
+def test_runs_record_their_device_settings(reference):
+    "On the CPU every GPU default resolves to off; the manifest keeps the config as given, metrics.json resolves it."
+    manifest, metrics = (json.loads((reference/f).read_text()) for f in ('manifest.json', 'metrics.json'))
+    expected = {'device': 'cpu', 'world_size': 1, 'amp': 'off', 'channels_last': False, 'compile': False,
+                'fused_optimizer': False, 'cudnn_benchmark': False, 'pin_memory': False}
+    assert {k: manifest['device_settings'][k] for k in expected} == expected
+    assert metrics['device_settings']['compile_error'] is None
+    assert manifest['params']['compile'] is None and metrics['params']['compile'] is False
+    assert metrics['params']['num_workers'] == manifest['device_settings']['num_workers'] >= 1
+    assert 'row on cpu: float32; ' in (reference/'log.txt').read_text()
+
+
+def test_gpu_switches_run_on_the_cpu_and_compile_falls_back(tiny, tmp_path):
+    """channels_last, a fused optimizer and torch.compile asked for on the CPU; the machine has no C++ compiler
+    (CXX points nowhere), so compiling fails, the run says so once and trains eagerly to the end."""
+    config = write_config(tiny, tmp_path/'gpu', epochs=1, channels_last=True, fused_optimizer=True, compile=True,
+                          deterministic=False)
+    r = train(config, env={'CXX': str(tmp_path/'no-such-compiler')})
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = tmp_path/'gpu'/'row'
+    metrics = json.loads((run/'metrics.json').read_text())
+    s = metrics['device_settings']
+    assert (s['channels_last'], s['fused_optimizer'], s['compile']) == (True, True, True)
+    assert s['compile_error'].startswith('InductorError') and 'C++ compiler' in s['compile_error']
+    log = (run/'log.txt').read_text()
+    assert log.count('torch.compile failed') == 1 and 'the model runs eagerly from here on' in log
+    assert metrics['epochs_run'] == 1 and np.isfinite(metrics['val']['mAP'])
 
 
 def test_bad_inputs_stop_the_run_before_it_trains(tiny, tmp_path):
@@ -207,23 +237,29 @@ def test_a_short_last_accumulation_group_is_the_mean_of_its_own_batches():
     for a, b in zip(m.parameters(), ref.parameters()): assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_a_sum_reduced_loss_is_reported_per_image_in_training_and_validation():
+def test_a_sum_reduced_loss_is_reported_per_image_in_training_and_validation(tiny):
     "ASL (reduction='sum'): the train loss over batches of 4 and 2 and the validation loss are both sum / images."
     import contextlib
+    from cxrlt.datasets import CachedImageDataset, normalize_batch
     from cxrlt.labels import class_groups
     from cxrlt.losses import AsymmetricLoss
     from cxrlt.train import TrainConfig, _validate, train_one_epoch
     g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(6, 8, generator=g), (torch.rand(6, 30, generator=g) < 0.4).float()
+    x, y = torch.randn(6, 3 * 32 * 32, generator=g), (torch.rand(6, 30, generator=g) < 0.4).float()
     torch.manual_seed(0)
-    m = torch.nn.Linear(8, 30)
+    m = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 30))
     with torch.no_grad(): per_image = AsymmetricLoss()(m(x), y).item() / len(x)
     opt = torch.optim.SGD(m.parameters(), lr=0.0)
     dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     r = train_one_epoch(m, dl, AsymmetricLoss(), opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
                         device=torch.device('cpu'), progress=False)
     assert r['train_loss'] == pytest.approx(per_image, rel=1e-5)
-    v = _validate(m, AsymmetricLoss(), torch.utils.data.TensorDataset(x, y), y.numpy(),
-                  class_groups(y.sum(0).numpy(), len(y)), TrainConfig(progress=False), 0, 1, torch.device('cpu'),
+    # validation reads uint8 rows of the cache and normalises them on the device, 4 images a batch
+    ids = pd.read_csv(tiny/'train.csv').ImageID[:6]
+    val = CachedImageDataset(tiny/'cache', ids, y.numpy(), normalize=False)
+    images = normalize_batch(val.read_batch(range(6))[0])
+    with torch.no_grad(): per_val_image = AsymmetricLoss()(m(images), y).item() / len(y)
+    v = _validate(m, AsymmetricLoss(), val, y.numpy(), class_groups(y.sum(0).numpy(), len(y)),
+                  TrainConfig(progress=False, batch_size=4, num_workers=1), 0, 1, torch.device('cpu'),
                   contextlib.nullcontext)
-    assert v['val_loss'] == pytest.approx(per_image, rel=1e-5)
+    assert v['val_loss'] == pytest.approx(per_val_image, rel=1e-5)

@@ -243,7 +243,7 @@ def _train_views(partial:Path, meta:dict, train:dict, cfg, views:int, features) 
 def _extract_splits(run_dir:Path, partial:Path, meta:dict, data:dict, todo:list, batch_size:int, device,
                     num_workers:int, progress:bool):
     "Features of the best model for the splits `todo`, one at a time, each saved as soon as it is computed."
-    from cxrlt.train import amp_dtype, autocast_for
+    from cxrlt.devices import amp_dtype, autocast_for
     dev, run = choose_device(device), Run(run_dir)
     model = run.best_model(dev)
     autocast = autocast_for(dev, amp_dtype(dev, run.config.amp))

@@ -143,7 +143,7 @@ def tta_predictions(run_dir, # a run directory written by `cxrlt.train.fit`
                    ) -> dict:
     "TTA predictions of a run's best model on its validation and test images (image cache); writes a prediction file."
     from cxrlt.labels import class_groups
-    from cxrlt.train import amp_dtype, autocast_for
+    from cxrlt.devices import amp_dtype, autocast_for
     run_dir, views = Path(run_dir), [str(v) for v in views]
     parsed, dev, run = [parse_tta_view(v) for v in views], choose_device(device), Run(run_dir)
     data = run.datasets()
