@@ -258,6 +258,11 @@ def _warn_flat_maps(name:str, fmap:tuple, size:int):
                        'maps with a place (2×2 at 64 px, 4×4 at 128 px).')
 
 # %% ../nbs/09_cam.ipynb #c210c557
+def _log_odds_scale(run_dir:Path) -> float:
+    "k of the log-odds k·z the run's loss trains (s for LDAM): what predictions.csv's `logit:` columns hold."
+    from cxrlt.posttrain.predictions import run_loss
+    return float(run_loss(run_dir, np.ones((1, len(CLASSES)))).logit_scale)   # k depends on the options, not counts
+
 def _load_run(run_dir:Path, panel:pd.DataFrame, val:dict, device:str) -> SimpleNamespace:
     "A run's validation set, predictions, image cache, best model and feature-map size, checked against the panel."
     from cxrlt.cache import open_cache
@@ -269,7 +274,7 @@ def _load_run(run_dir:Path, panel:pd.DataFrame, val:dict, device:str) -> SimpleN
     fmap = feature_map_size(model, val['dataset'][position[panel.ImageID.iloc[0]]][0][None])
     _warn_flat_maps(run_dir.name, fmap, cache.size)
     return SimpleNamespace(name=run_dir.name, val=val, position=position, pred=pred, cache=cache, model=model,
-                           fmap=fmap)
+                           fmap=fmap, scale=_log_odds_scale(run_dir))
 
 # %% ../nbs/09_cam.ipynb #144d4ba2
 def _tile_caption(c:str, p:float, truth:int, name:str, method:str) -> list:
@@ -303,7 +308,7 @@ def _method_tiles(run:SimpleNamespace, c:str, sub:pd.DataFrame, x:torch.Tensor, 
         rows.append({'model': run.name, 'method': method, 'class': c, 'class_index': k, 'slot': int(slot),
                      'ImageID': v, 'probability': p, 'logit': float(saved[i]), 'ground_truth': int(gt),
                      'map_empty': bool(maps[i].max() == 0), 'overlay': rel.as_posix()})
-    return rows, float(np.abs(logits[:, k] - saved).max())
+    return rows, float(np.abs(run.scale * logits[:, k].astype(np.float64) - saved).max())
 
 # %% ../nbs/09_cam.ipynb #a1665662
 def _run_tiles(run:SimpleNamespace, panel:pd.DataFrame, methods:list, out:Path, tile_size:int, alpha:float,

@@ -35,9 +35,9 @@ def _served_ids(cache, image_ids) -> list:
 
 # %% ../nbs/02e_datasets.ipynb #f6b8e9fd
 def _label_matrix(labels, n:int):
-    "`labels` (array or DataFrame) as a float32 (n, K) matrix, None for None; ValueError when it has not n rows."
+    "`labels` (array or DataFrame) as a writable float32 (n, K) copy, None for None; ValueError when it has not n rows."
     if labels is None: return None
-    y = np.asarray(labels.to_numpy() if hasattr(labels, 'to_numpy') else labels, dtype=np.float32)
+    y = np.array(labels.to_numpy() if hasattr(labels, 'to_numpy') else labels, dtype=np.float32)   # pandas: read-only
     if len(y) != n: raise ValueError(f'labels have {len(y)} rows but there are {n} ImageIDs')
     return y
 

@@ -46,6 +46,7 @@ class Backbone:
     family:Family  # where its Grad-CAM and classifier layers are
     paper_name:str|None = None  # its name in the paper's tables, e.g. 'ResNet-50'; None: not a paper backbone
     cpu_proxy:str|None = None  # the registered backbone of the same family that stands in for it on a CPU
+    arch_args:tuple = ()  # (name, value) pairs reshaping timm's architecture (a smaller CPU layout; no weights)
 
 BACKBONES = {}  # name -> Backbone, filled by `register_backbone`
 
@@ -100,9 +101,10 @@ def register_backbone(name:str, # the cxrlt name (no '.': a suffix after a '.' a
                       family:Family, # the family whose class timm builds for it
                       paper_name:str|None=None, # its name in the paper's tables
                       cpu_proxy:str|None=None, # a registered backbone of the same family for CPU runs (or itself)
+                      arch_args:dict|None=None, # timm architecture arguments that reshape it (random init only)
                      ) -> Backbone:
     "Check a backbone against timm and the registry, and put its record in `BACKBONES`."
-    b = Backbone(name, timm_name, family, paper_name, cpu_proxy)
+    b = Backbone(name, timm_name, family, paper_name, cpu_proxy, tuple(sorted((arch_args or {}).items())))
     if not isinstance(name, str) or not name or '.' in name:
         raise ValueError(f"backbone name must be a non-empty string without '.', got {name!r}")
     if name in BACKBONES:
@@ -119,17 +121,23 @@ register_backbone('resnet14t', 'resnet14t.c3_in1k', RESNET)
 register_backbone('efficientformerv2_s0', 'efficientformerv2_s0.snap_dist_in1k', EFFICIENTFORMERV2)
 register_backbone('tf_efficientnetv2_b0', 'tf_efficientnetv2_b0.in1k', EFFICIENTNET)
 register_backbone('convnext_atto', 'convnext_atto.d2_in1k', CONVNEXT)
+register_backbone('convnext_femto', 'convnext_femto.d1_in1k', CONVNEXT)
+# DenseNet-121 and -169 at half their depth and growth rate: timm has no smaller DenseNet (random init only)
+register_backbone('densenet121_half', 'densenet121.ra_in1k', DENSENET,
+                  arch_args={'growth_rate': 16, 'block_config': (3, 6, 12, 8)})
+register_backbone('densenet169_half', 'densenet169.tv_in1k', DENSENET,
+                  arch_args={'growth_rate': 16, 'block_config': (3, 6, 16, 16)})
 # the paper's backbones: name, timm model and tag, family, name in the paper, CPU proxy
 register_backbone('resnet50', 'resnet50.a1_in1k', RESNET, 'ResNet-50', 'resnet10t')
 register_backbone('resnet101', 'resnet101.a1h_in1k', RESNET, 'ResNet-101', 'resnet14t')
-register_backbone('densenet121', 'densenet121.ra_in1k', DENSENET, 'DenseNet-121', 'densenet121')
-register_backbone('densenet169', 'densenet169.tv_in1k', DENSENET, 'DenseNet-169', 'densenet121')
+register_backbone('densenet121', 'densenet121.ra_in1k', DENSENET, 'DenseNet-121', 'densenet121_half')
+register_backbone('densenet169', 'densenet169.tv_in1k', DENSENET, 'DenseNet-169', 'densenet169_half')
 register_backbone('efficientformerv2_s', 'efficientformerv2_s2.snap_dist_in1k', EFFICIENTFORMERV2,
                   'EfficientFormerV2-S', 'efficientformerv2_s0')
 register_backbone('efficientnetv2_s', 'tf_efficientnetv2_s.in1k', EFFICIENTNET,
                   'EfficientNetV2-S (public code)', 'tf_efficientnetv2_b0')
 register_backbone('convnext_base', 'convnext_base.fb_in22k_ft_in1k', CONVNEXT, 'ConvNeXt-Base', 'convnext_atto')
-register_backbone('convnext_large', 'convnext_large.fb_in22k_ft_in1k', CONVNEXT, 'ConvNeXt-Large', 'convnext_atto')
+register_backbone('convnext_large', 'convnext_large.fb_in22k_ft_in1k', CONVNEXT, 'ConvNeXt-Large', 'convnext_femto')
 # the other EfficientFormerV2 sizes, by their own names
 register_backbone('efficientformerv2_s1', 'efficientformerv2_s1.snap_dist_in1k', EFFICIENTFORMERV2)
 register_backbone('efficientformerv2_s2', 'efficientformerv2_s2.snap_dist_in1k', EFFICIENTFORMERV2)
@@ -391,9 +399,12 @@ def create_model(name:str, # a `BACKBONES` name, optionally with a timm tag: 're
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f'num_classes must be a positive int, got {num_classes!r}')
     size = _image_size(img_size)
-    weights_file = _weights_file(timm_name, pretrained, pretrained_path)
     load = pretrained or pretrained_path is not None
-    kw = dict(num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans)
+    if pretrained and pretrained_path is None and b.arch_args:
+        raise ValueError(f'{name} reshapes {timm_name} ({", ".join(f"{k}={v}" for k, v in b.arch_args)}): no '
+                         'published weights fit it; train it from scratch or give a weights file of its layout')
+    weights_file = _weights_file(timm_name, pretrained, pretrained_path)
+    kw = dict(num_classes=num_classes, drop_rate=drop_rate, in_chans=in_chans, **dict(b.arch_args))
     if b.family == EFFICIENTFORMERV2: model = _build_efficientformerv2(name, timm_name, load, weights_file, size, **kw)
     else: model = _build(timm_name, b.family, load, weights_file, **kw)
     if not isinstance(model, b.family.model_class):

@@ -119,13 +119,16 @@ class Preset:
     warmup_epochs: float = 0.0
     threads: Optional[int] = None  # torch threads per row (None: torch's default)
     crt_train_views: int = 4  # augmented passes of training features cRT re-trains on (`cxrlt.posttrain.crt`)
+    augment: Optional[dict] = None  # `AugmentConfig` keys that differ from its defaults
 
 # %% ../nbs/11_study.ipynb #043d396f
 PRESETS = {p.name: p for p in [
     Preset(name='smoke', synthetic='tiny', image_size=32, epochs=2, batch_size=16, lr=3e-3, proxies=True,
            pretrained=False, n_bootstrap=20, crt_epochs=3, threads=1, crt_train_views=1),
-    Preset(name='demo', synthetic='demo', image_size=64, epochs=2, batch_size=32, lr=2e-3, proxies=True,
-           pretrained=False, n_bootstrap=200, crt_epochs=5, max_batches_per_epoch=40, crt_train_views=1),
+    Preset(name='demo', synthetic='demo', image_size=64, epochs=2, batch_size=16, lr=3e-3, proxies=True,
+           pretrained=False, n_bootstrap=200, crt_epochs=5, max_batches_per_epoch=100, warmup_epochs=0.3,
+           crt_train_views=1, augment={'degrees': 0.0, 'translate': 0.0, 'scale': (1.0, 1.0), 'brightness': 0.0,
+                                       'contrast': 0.0}),
     Preset(name='paper', synthetic=None, image_size=512, epochs=20, batch_size=32, lr=1e-4, proxies=False,
            pretrained=True, n_bootstrap=1000, crt_epochs=10, warmup_epochs=1.0),
 ]}
@@ -198,6 +201,7 @@ def training_config(row:int, # a training row of `ROWS`
                drw_start_epoch=max(1, int(0.8 * preset.epochs)) if loss.deferred_reweighting else None,
                epochs=preset.epochs, batch_size=preset.batch_size, lr=preset.lr, warmup_epochs=preset.warmup_epochs,
                max_batches_per_epoch=preset.max_batches_per_epoch, out_dir=str(Path(table_dir)/'runs'),
+               augment=dict(preset.augment or {}),
                run_name=f'row{row:02d}-{backbone}-{r.loss}', progress=False)
     cfg.update(overrides or {})
     return TrainConfig.from_dict(cfg, source=f'row {row}').to_dict()

@@ -198,6 +198,7 @@ class TrainConfig(Config):
     progress: bool = True  # progress bars
 
     def __post_init__(self):
+        if isinstance(self.augment, dict): self.augment = AugmentConfig.from_dict(self.augment, source='augment')
         for k in ('epochs', 'batch_size', 'accum_steps'):
             if getattr(self, k) < 1: raise ValueError(f'{k} must be >= 1, got {getattr(self, k)}')
         if self.lr <= 0: raise ValueError(f'lr must be positive, got {self.lr}')

@@ -23,14 +23,15 @@ PINNED = {
     'resnet14t': 'resnet14t.c3_in1k', 'efficientformerv2_s0': 'efficientformerv2_s0.snap_dist_in1k',
     'efficientformerv2_s1': 'efficientformerv2_s1.snap_dist_in1k',
     'efficientformerv2_s2': 'efficientformerv2_s2.snap_dist_in1k', 'tf_efficientnetv2_b0': 'tf_efficientnetv2_b0.in1k',
-    'convnext_atto': 'convnext_atto.d2_in1k',
+    'convnext_atto': 'convnext_atto.d2_in1k', 'convnext_femto': 'convnext_femto.d1_in1k',
+    'densenet121_half': 'densenet121.ra_in1k', 'densenet169_half': 'densenet169.tv_in1k',
 }
 PAPER = {  # name: (paper name, CPU proxy), in the paper's order
     'resnet50': ('ResNet-50', 'resnet10t'), 'resnet101': ('ResNet-101', 'resnet14t'),
-    'densenet121': ('DenseNet-121', 'densenet121'), 'densenet169': ('DenseNet-169', 'densenet121'),
+    'densenet121': ('DenseNet-121', 'densenet121_half'), 'densenet169': ('DenseNet-169', 'densenet169_half'),
     'efficientformerv2_s': ('EfficientFormerV2-S', 'efficientformerv2_s0'),
     'efficientnetv2_s': ('EfficientNetV2-S (public code)', 'tf_efficientnetv2_b0'),
-    'convnext_base': ('ConvNeXt-Base', 'convnext_atto'), 'convnext_large': ('ConvNeXt-Large', 'convnext_atto'),
+    'convnext_base': ('ConvNeXt-Base', 'convnext_atto'), 'convnext_large': ('ConvNeXt-Large', 'convnext_femto'),
 }
 PROXIES = sorted({proxy for _, proxy in PAPER.values()})
 CLASSIFIER_PREFIX = {'resnet': 'fc.', 'densenet': 'classifier.', 'efficientnet': 'classifier.',
@@ -270,7 +271,7 @@ def test_registry_keeps_the_pinned_names_tags_paper_names_and_proxies():
 def test_lookups_by_name_and_paper_name():
     assert backbone('resnet50.tv_in1k') is BACKBONES['resnet50']
     assert paper_backbone('ConvNeXt-Large') is BACKBONES['convnext_large']
-    assert paper_backbone('DenseNet-169').cpu_proxy == 'densenet121'
+    assert paper_backbone('DenseNet-169').cpu_proxy == 'densenet169_half'
     with pytest.raises(KeyError, match="unknown model 'convnext_larg' \\(did you mean convnext_large"):
         backbone('convnext_larg')
     with pytest.raises(KeyError) as e:
