@@ -8,7 +8,7 @@ import re, shutil, subprocess
 from pathlib import Path
 
 from .core import atomic_write
-from .study import kernel_name
+from .study import execute_notebook, table_headline
 
 # %% ../nbs/12_site.ipynb #05bccd7c
 def quarto_pages(root='.', # the repository root (holding _quarto.yml)
@@ -46,10 +46,8 @@ def html_page(nb_path:Path, # a notebook
 # %% ../nbs/12_site.ipynb #7d24ff46
 def _results_page(table_dir, root:Path, build:Path, n_bootstrap:int):
     "Execute `nbs/results.ipynb` on a finished table into `build/results.ipynb`."
-    import papermill as pm
-    pm.execute_notebook(str(root/'nbs'/'results.ipynb'), str(build/'results.ipynb'), kernel_name=kernel_name(),
-                        progress_bar=False, cwd=str(root),
-                        parameters={'table_dir': str(Path(table_dir).resolve()), 'n_bootstrap': n_bootstrap})
+    execute_notebook(root/'nbs'/'results.ipynb', build/'results.ipynb', cwd=root,
+                     parameters={'table_dir': str(Path(table_dir).resolve()), 'n_bootstrap': n_bootstrap})
 
 def _copy_tree(src:Path, dest:Path):
     "Replace `dest` by a copy of `src`."
@@ -109,5 +107,6 @@ def site_cli(table:str=None, # a finished table folder for the results page
             ) -> int:
     "Build the project site (Quarto where installed, else static HTML with nbconvert) and print the page to open."
     page = build_site(table, root, explorer, n_bootstrap)
+    if table: print(table_headline(table))   # the results page has just tested the claims
     print(f'site: open {page}')
     return 0

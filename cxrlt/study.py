@@ -4,9 +4,9 @@
 __all__ = ['ROWS', 'POST_STEPS', 'PAPER_LOSSES', 'PRESETS', 'EXECUTORS', 'METRICS', 'GROUP_METRICS', 'CLAIMS', 'UNTESTABLE',
            'paper_table', 'leaderboard', 'Row', 'check_post_training', 'register_row', 'Preset', 'row_backbone',
            'challenge_files', 'table_data', 'training_config', 'row_plan', 'check_table_inputs', 'table_plan',
-           'split_labels', 'score_predictions', 'row_notebook', 'kernel_name', 'row_dir', 'row_parameters',
-           'row_is_done', 'run_row', 'post_train', 'execute_row', 'run_table', 'collect_results', 'compare_with_paper',
-           'paper_claims', 'table_cli']
+           'split_labels', 'score_predictions', 'row_notebook', 'kernel_name', 'execute_notebook', 'row_dir',
+           'row_parameters', 'row_is_done', 'run_row', 'post_train', 'execute_row', 'run_table', 'collect_results',
+           'compare_with_paper', 'paper_claims', 'table_headline', 'table_cli']
 
 # %% ../nbs/11_study.ipynb #9207f2f8
 import dataclasses, hashlib, importlib.resources, json, re, time, traceback
@@ -118,6 +118,7 @@ class Preset:
     max_batches_per_epoch: Optional[int] = None
     warmup_epochs: float = 0.0
     threads: Optional[int] = None  # torch threads per row (None: torch's default)
+    workers: int = 1  # rows the local executor runs at once (each in its own kernel process)
     crt_train_views: int = 4  # augmented passes of training features cRT re-trains on (`cxrlt.posttrain.crt`)
     augment: Optional[dict] = None  # `AugmentConfig` keys that differ from its defaults
 
@@ -127,6 +128,7 @@ PRESETS = {p.name: p for p in [
            pretrained=False, n_bootstrap=20, crt_epochs=3, threads=1, crt_train_views=1),
     Preset(name='demo', synthetic='demo', image_size=64, epochs=2, batch_size=16, lr=3e-3, proxies=True,
            pretrained=False, n_bootstrap=200, crt_epochs=5, max_batches_per_epoch=100, warmup_epochs=0.3,
+           threads=1, workers=2,
            crt_train_views=1, augment={'degrees': 0.0, 'translate': 0.0, 'scale': (1.0, 1.0), 'brightness': 0.0,
                                        'contrast': 0.0}),
     Preset(name='paper', synthetic=None, image_size=512, epochs=20, batch_size=32, lr=1e-4, proxies=False,
@@ -355,6 +357,25 @@ def kernel_name() -> str:
     from jupyter_client.kernelspec import find_kernel_specs
     return 'cxrlt' if 'cxrlt' in find_kernel_specs() else 'python3'
 
+def _ipc_kernel_manager(folder:Path):
+    "A kernel manager whose kernel talks over Unix sockets in `folder`: no TCP port is opened on the machine."
+    from jupyter_client.manager import AsyncKernelManager
+    class IPCKernelManager(AsyncKernelManager):
+        def __init__(self, **kw): super().__init__(transport='ipc', ip=str(Path(folder)/'kernel'), **kw)
+    return IPCKernelManager
+
+def execute_notebook(notebook, # the notebook to run
+                     out, # where the executed notebook goes
+                     parameters:dict, # papermill parameters
+                     cwd=None, # the kernel's working folder
+                    ):
+    "Run a notebook with papermill in this environment's kernel, over local sockets rather than TCP."
+    import papermill as pm, tempfile
+    with tempfile.TemporaryDirectory(prefix='cxrlt-kernel-') as d:
+        pm.execute_notebook(str(notebook), str(out), kernel_name=kernel_name(), progress_bar=False,
+                            cwd=None if cwd is None else str(cwd), parameters=parameters,
+                            kernel_manager_class=_ipc_kernel_manager(Path(d)))
+
 # %% ../nbs/11_study.ipynb #90888a60
 def row_dir(table_dir, row:int) -> Path: return Path(table_dir)/'rows'/f'row{row:02d}'
 
@@ -381,15 +402,13 @@ def run_row(params:dict, # from `row_parameters`
             table_dir, # the table's folder
            ) -> dict:
     "Execute the row notebook for one row (papermill); on failure write error.json and raise."
-    import papermill as pm
     d = row_dir(table_dir, params['row'])
     d.mkdir(parents=True, exist_ok=True)
     (d/'error.json').unlink(missing_ok=True)
     t0 = time.time()
     try:
         parameters = {'params_json': json.dumps(params, default=str), 'table_dir': str(Path(table_dir).resolve())}
-        pm.execute_notebook(str(row_notebook()), str(d/'train_row.ipynb'), kernel_name=kernel_name(),
-                            progress_bar=False, cwd=str(d), parameters=parameters)
+        execute_notebook(row_notebook(), d/'train_row.ipynb', parameters, cwd=d)
     except BaseException as e:
         tb = ''.join(getattr(e, 'traceback', None) or traceback.format_exception(e))
         err = {'row': params['row'], 'hash': params['hash'], 'error': f'{type(e).__name__}: {getattr(e, "evalue", e)}',
@@ -499,6 +518,12 @@ def _finish_job(row, job, status, table_dir):
         logger.error(f'row {row} failed: {msg}')
 
 # %% ../nbs/11_study.ipynb #1306415d
+def _row_label(r:Row, preset:Preset) -> str:
+    "The row last started, as the progress bar shows it: number, model, loss, post-training, the backbone trained."
+    loss = {v: k for k, v in PAPER_LOSSES.items()}.get(r.loss, r.loss)
+    trains = f' [{row_backbone(r, preset)}]' if r.trains else ''
+    return f'row {r.number}: {r.model} · {loss}{" · " + r.post_training if r.post_training else ""}{trains}'
+
 def run_table(preset:str='smoke', # 'smoke', 'demo' or 'paper'
               rows=None, # rows of the table (default: all); their base rows are added
               executor:str='local', # 'local' (this process), 'submitit-local' (one process per row) or 'slurm'
@@ -506,8 +531,10 @@ def run_table(preset:str='smoke', # 'smoke', 'demo' or 'paper'
               out=None, # the table's folder (default: runs/table-<preset>)
               overrides:dict=None, # row -> TrainConfig keys to change for that row
               slurm:dict=None, # extra submitit parameters for SLURM (partition, gpus_per_node, ...)
+              workers:int=None, # rows the local executor runs at once (default: the preset's `workers`)
               progress:bool=True) -> dict:
     "Run the rows of the table in dependency order; skip finished rows, record failures, go on."
+    import concurrent.futures
     from tqdm.auto import tqdm
     if preset not in PRESETS: raise ValueError(f'preset must be one of {list(PRESETS)}, got {preset!r}')
     if executor not in EXECUTORS: raise ValueError(f'executor must be one of {list(EXECUTORS)}, got {executor!r}')
@@ -516,28 +543,39 @@ def run_table(preset:str='smoke', # 'smoke', 'demo' or 'paper'
     plan = row_plan(rows)
     data = table_data(p, table_dir, data, progress=progress)
     check_table_inputs(plan, p, data, table_dir, overrides)
-    status, hashes, jobs = {}, {}, {}
+    status, hashes, jobs, running = {}, {}, {}, {}
     ex = None if executor == 'local' else _submitit_executor(executor, table_dir, slurm)
-    bar = tqdm(plan, desc=f'table {preset}', disable=not progress)
-    for row in bar:
-        bar.set_postfix(row=row)
+    n_workers = workers or p.workers
+    pool = concurrent.futures.ThreadPoolExecutor(n_workers) if ex is None and n_workers > 1 else None
+    bar = tqdm(total=len(plan), desc=f'table {preset}', disable=not progress, dynamic_ncols=True)
+    for row in plan:
+        bar.set_postfix_str(_row_label(ROWS[row], p), refresh=True)
         bases = ROWS[row].base_rows
         if executor == 'submitit-local':  # the local executor has no job dependencies: wait for the bases
             for b in bases:
                 if b in jobs: _finish_job(b, jobs.pop(b), status, table_dir)
+        for b in bases:   # the local pool: a row starts once its base rows have ended
+            if b in running: status[b] = running.pop(b).result()
         blocked = [b for b in bases if status.get(b, {}).get('status') in ('failed', 'blocked')]
         if blocked:
             status[row] = {'status': 'blocked', 'reason': f'base row(s) {blocked} failed'}
-            continue
+            bar.update(); continue
         params = row_parameters(row, p, data, table_dir, overrides, hashes)
         hashes[row] = params['hash']
         if row_is_done(table_dir, params):
             status[row] = {'status': 'skipped', 'reason': 'finished earlier with the same parameters'}
-            continue
-        status[row] = _run_here(params, table_dir) if ex is None else _submit(ex, executor, params, table_dir, jobs)
+            bar.update(); continue
+        if ex is not None: status[row] = _submit(ex, executor, params, table_dir, jobs)
+        elif pool is None: status[row] = _run_here(params, table_dir); bar.update()
+        else:
+            running[row] = pool.submit(_run_here, params, table_dir)
+            running[row].add_done_callback(lambda _: bar.update())
     for row, job in list(jobs.items()): _finish_job(row, job, status, table_dir)
-    summary = {'preset': preset, 'executor': executor, 'table_dir': str(table_dir),
-               'rows': {str(r): s for r, s in status.items()}}
+    for row, f in list(running.items()): status[row] = f.result()
+    if pool is not None: pool.shutdown()
+    bar.update(len(plan) - bar.n); bar.close()
+    summary = {'preset': preset, 'executor': executor, 'workers': n_workers, 'table_dir': str(table_dir),
+               'rows': {str(r): status[r] for r in plan}}
     save_json(summary, table_dir/'table.json')
     collect_results(table_dir)
     return {**summary, 'failed': [r for r, s in status.items() if s['status'] in ('failed', 'blocked')]}
@@ -615,7 +653,8 @@ def paper_claims(table_dir, # a table folder with finished rows
                  n_bootstrap:int=200, # bootstrap replicates of each paired comparison
                  split:str='dev', # the split compared: 'dev', whose patients no choice read
                 ) -> pd.DataFrame:
-    "Each claim of the paper that this table can test: our difference, its 95 % interval and the verdict."
+    """Each claim of the paper that this table can test: our difference, its 95 % interval and the verdict (also
+    saved as `claims-<split>.csv` in the table folder)."""
     from cxrlt.metrics import paired_bootstrap
     table_dir, recs, truth, paper = Path(table_dir), [], None, paper_table()
     for claim, a, b, sign, metric in CLAIMS:
@@ -629,11 +668,33 @@ def paper_claims(table_dir, # a table folder with finished rows
                                pb.loc[ids, CLASSES].to_numpy(), metric=METRICS[metric],
                                patient_ids=truth[split]['patients'].loc[ids].to_numpy(), n_bootstrap=n_bootstrap)
         recs.append(_claim_record(claim, a, b, sign, metric, res, paper))
-    return pd.DataFrame(recs)
+    out = pd.DataFrame(recs)
+    save_csv(out, table_dir/f'claims-{split}.csv')   # for the table's headline (`table_headline`)
+    return out
 
 # %% ../nbs/11_study.ipynb #4400c9a4
 def _row_data(table_dir, result:dict) -> dict:
     return load_json(row_dir(table_dir, result['row'])/'params.json')['data']
+
+# %% ../nbs/11_study.ipynb #383ae4a1
+def table_headline(table_dir, # a table folder with results.csv
+                   split:str='dev', # the split reported
+                  ) -> str:
+    "The best row on `split` (mAP, AUC) and, once `paper_claims` has run, the claims decided."
+    table_dir = Path(table_dir)
+    res = pd.read_csv(table_dir/'results.csv')
+    res = res[res.split == split].pivot_table(index='row', columns='metric', values='value')
+    if res.empty: return f'no row has {split} results yet'
+    best = int(res.AP.idxmax())
+    r = ROWS[best]
+    line = (f'best row on {split}: {best} ({r.model}, {r.loss}{", " + r.post_training if r.post_training else ""})'
+            f' — mAP {res.AP[best]:.3f}, AUC {res.AUC[best]:.3f}')
+    claims = table_dir/f'claims-{split}.csv'
+    if not claims.exists(): return line + '\nclaims of the paper: on the results page (`cxrlt site`)'
+    v = pd.read_csv(claims).verdict.value_counts()
+    decided = int(v.get('holds', 0) + v.get('contradicted', 0))
+    return (line + f'\nclaims of the paper decided on {split}: {decided} of {int(v.sum())} '
+            f"({int(v.get('holds', 0))} hold, {int(v.get('contradicted', 0))} contradicted)")
 
 # %% ../nbs/11_study.ipynb #e8a1c743
 def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synthetic, CPU proxies), 'paper' (real, GPUs)
@@ -661,8 +722,12 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synth
         return 0
     try: s = run_table(preset, row_list, executor, data, out, over)
     except (KeyError, ValueError, FileNotFoundError) as e: return fail(e.args[0] if e.args else e)
+    by_status = {}
     for r, st in s['rows'].items():
-        why = f" ({st.get('error') or st.get('reason')})" if st['status'] in ('failed', 'blocked') else ''
-        print(f"row {int(r):2d}: {st['status']}{why}")
+        by_status.setdefault(st['status'], []).append(str(int(r)))
+        if st['status'] in ('failed', 'blocked'):
+            print(f"row {int(r):2d}: {st['status']} ({st.get('error') or st.get('reason')})")
+    print('; '.join(f"{k}: rows {', '.join(v)}" for k, v in by_status.items()))
     print(f"results: {Path(s['table_dir'])/'results.csv'}")
+    if (Path(s['table_dir'])/'results.csv').exists(): print(table_headline(s['table_dir']))
     return 1 if s['failed'] else 0

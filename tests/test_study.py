@@ -27,7 +27,8 @@ def smoke_table(tmp_path_factory):
 def test_failing_row_is_recorded_and_others_finish(smoke_table):
     out, r = smoke_table
     assert r.returncode == 1, r.stdout + r.stderr
-    assert 'row  1: failed' in r.stdout and 'row  3: done' in r.stdout and 'row  4: done' in r.stdout, r.stdout
+    assert 'row  1: failed' in r.stdout and 'done: rows 3, 4' in r.stdout, r.stdout
+    assert 'best row on dev: ' in r.stdout and 'claims of the paper: on the results page' in r.stdout, r.stdout
     err = json.loads((out/'rows'/'row01'/'error.json').read_text())
     assert 'loss is nan at batch' in err['error'], err['error']
     assert 'FloatingPointError' in err['traceback'] and 'Traceback' in err['traceback'], err['traceback'][-2000:]
@@ -51,6 +52,9 @@ def test_claims_are_tested_on_dev(smoke_table):
     assert c.ci_low[0] <= c['ours Δ'][0] <= c.ci_high[0] and c.verdict[0] in ('holds', 'contradicted', 'inconclusive')
     on_val = paper_claims(out, n_bootstrap=20, split='val')
     assert on_val['ours Δ'][0] != c['ours Δ'][0]   # dev and val are other patients
+    from cxrlt.study import table_headline
+    decided = int(c.verdict[0] in ('holds', 'contradicted'))
+    assert f'claims of the paper decided on dev: {decided} of 1 ' in table_headline(out)
 
 
 def test_bad_inputs_stop_the_table_before_any_row_trains(smoke_table, tmp_path):
@@ -69,7 +73,7 @@ def test_rerun_skips_finished_rows(smoke_table):
     before = (out/'rows'/'row03'/'result.json').stat().st_mtime_ns
     r = cxrlt('table', '--preset', 'smoke', '--rows', '3,4', '--out', out)
     assert r.returncode == 0, r.stdout + r.stderr
-    assert 'row  3: skipped' in r.stdout and 'row  4: skipped' in r.stdout
+    assert 'skipped: rows 3, 4' in r.stdout, r.stdout
     assert (out/'rows'/'row03'/'result.json').stat().st_mtime_ns == before
 
 
@@ -91,7 +95,7 @@ def repository_files() -> list:
     return [line for line in r.stdout.splitlines() if '__pycache__' not in line]
 
 
-def test_site_builds_offline(smoke_table, tmp_path):
+def test_site_builds_offline(smoke_table, tmp_path, capfd):
     "The static fallback builds every page `_quarto.yml` lists, into temporary folders (the repository is not touched)."
     from cxrlt.site import build_site, quarto_pages
     out, _ = smoke_table
@@ -109,6 +113,7 @@ def test_site_builds_offline(smoke_table, tmp_path):
     assert not re.findall(r'(?:src|href)="https?://(?:cdn|ajax|fonts)', html)
     assert 'results.html' in page.read_text()
     assert repository_files() == before, 'building the site into temporary folders changed the repository'
+    assert 'running over TCP' not in capfd.readouterr().err   # the kernels talk over local sockets
 
 
 def test_recipe_add_a_row(smoke_table, tmp_path, monkeypatch):
@@ -158,3 +163,16 @@ def test_dry_run_plans_the_paper_table_without_training(tmp_path):
     assert len(trained) and all(abs(h - hours) < 1e-12 for h in trained.gpu_hours)
     assert plan[plan.backbone == names[0]].gpu_hours.isna().all()   # no throughput for it: unknown, not zero
     assert 'have no throughput' in r.stdout
+
+
+def test_local_pool_runs_rows_at_once(smoke_table, tmp_path):
+    "workers=2: two training rows run side by side (their runs overlap in time) and give what one by one gave."
+    from cxrlt.study import run_table
+    out, _ = smoke_table
+    s = run_table('smoke', rows=[2, 3], out=tmp_path/'pool', workers=2, progress=False)
+    assert s['workers'] == 2 and [st['status'] for st in s['rows'].values()] == ['done', 'done'], s
+    times = [json.loads(m.read_text()) for m in sorted((tmp_path/'pool'/'runs').glob('row0[23]-*/manifest.json'))]
+    start, end = ([pd.Timestamp(t[k]) for t in times] for k in ('start_time', 'end_time'))
+    assert start[0] < end[1] and start[1] < end[0], times   # the two runs overlap
+    ours, alone = (json.loads((d/'rows'/'row03'/'result.json').read_text())['metrics'] for d in (tmp_path/'pool', out))
+    assert ours['dev']['mAP'] == pytest.approx(alone['dev']['mAP'], abs=1e-6)
