@@ -686,8 +686,8 @@ def table_headline(table_dir, # a table folder with results.csv
     res = res[res.split == split].pivot_table(index='row', columns='metric', values='value')
     if res.empty: return f'no row has {split} results yet'
     best = int(res.AP.idxmax())
-    r = ROWS[best]
-    line = (f'best row on {split}: {best} ({r.model}, {r.loss}{", " + r.post_training if r.post_training else ""})'
+    r, loss = ROWS[best], {v: k for k, v in PAPER_LOSSES.items()}.get(ROWS[best].loss, ROWS[best].loss)
+    line = (f'best row on {split}: {best} ({r.model}, {loss}{", " + r.post_training if r.post_training else ""})'
             f' — mAP {res.AP[best]:.3f}, AUC {res.AUC[best]:.3f}')
     claims = table_dir/f'claims-{split}.csv'
     if not claims.exists(): return line + '\nclaims of the paper: on the results page (`cxrlt site`)'
