@@ -539,13 +539,15 @@ def run_table(preset:str='smoke', # 'smoke', 'demo' or 'paper'
     if preset not in PRESETS: raise ValueError(f'preset must be one of {list(PRESETS)}, got {preset!r}')
     if executor not in EXECUTORS: raise ValueError(f'executor must be one of {list(EXECUTORS)}, got {executor!r}')
     p, table_dir = PRESETS[preset], Path(out or f'runs/table-{preset}').resolve()
+    n_workers = p.workers if workers is None else workers
+    if isinstance(n_workers, bool) or not isinstance(n_workers, int) or n_workers < 1:
+        raise ValueError(f'workers must be a whole number >= 1, got {n_workers!r}')
     table_dir.mkdir(parents=True, exist_ok=True)
     plan = row_plan(rows)
     data = table_data(p, table_dir, data, progress=progress)
     check_table_inputs(plan, p, data, table_dir, overrides)
     status, hashes, jobs, running = {}, {}, {}, {}
     ex = None if executor == 'local' else _submitit_executor(executor, table_dir, slurm)
-    n_workers = workers or p.workers
     pool = concurrent.futures.ThreadPoolExecutor(n_workers) if ex is None and n_workers > 1 else None
     bar = tqdm(total=len(plan), desc=f'table {preset}', disable=not progress, dynamic_ncols=True)
     for row in plan:
@@ -706,6 +708,7 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synth
               dry_run:bool=False, # print the plan and its estimated GPU-hours; train nothing
               img_per_s:float=None, # training images/s of every backbone, for --dry-run
               throughput:str=None, # throughput.json of benchmarks/gpu_throughput.py, for --dry-run
+              workers:int=None, # rows the local executor runs at once (default: the preset's; demo 2)
              ) -> int:
     "Run the table through papermill; finished rows are skipped, failures recorded; non-zero exit if a row failed."
     import sys
@@ -720,7 +723,7 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synth
         except (KeyError, ValueError, FileNotFoundError) as e: return fail(e.args[0] if e.args else e)
         print(_plan_text(plan, preset))
         return 0
-    try: s = run_table(preset, row_list, executor, data, out, over)
+    try: s = run_table(preset, row_list, executor, data, out, over, workers=workers)
     except (KeyError, ValueError, FileNotFoundError) as e: return fail(e.args[0] if e.args else e)
     by_status = {}
     for r, st in s['rows'].items():

@@ -176,3 +176,11 @@ def test_local_pool_runs_rows_at_once(smoke_table, tmp_path):
     assert start[0] < end[1] and start[1] < end[0], times   # the two runs overlap
     ours, alone = (json.loads((d/'rows'/'row03'/'result.json').read_text())['metrics'] for d in (tmp_path/'pool', out))
     assert ours['dev']['mAP'] == pytest.approx(alone['dev']['mAP'], abs=1e-6)
+
+
+def test_bad_worker_count_is_refused_before_anything_runs(tmp_path):
+    from cxrlt.study import run_table
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match='workers must be a whole number >= 1'):
+            run_table('smoke', rows=[1], out=tmp_path/'t', workers=bad, progress=False)
+    assert not (tmp_path/'t').exists()
