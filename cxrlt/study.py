@@ -556,8 +556,10 @@ def run_table(preset:str='smoke', # 'smoke', 'demo' or 'paper'
         if executor == 'submitit-local':  # the local executor has no job dependencies: wait for the bases
             for b in bases:
                 if b in jobs: _finish_job(b, jobs.pop(b), status, table_dir)
-        for b in bases:   # the local pool: a row starts once its base rows have ended
-            if b in running: status[b] = running.pop(b).result()
+        # the local pool: a row starts once its base rows have ended, and once every running row sharing a base
+        # with it has (post-training rows write into the base run's folder, e.g. its feature cache)
+        for other in list(running):
+            if other in bases or set(ROWS[other].base_rows) & set(bases): status[other] = running.pop(other).result()
         blocked = [b for b in bases if status.get(b, {}).get('status') in ('failed', 'blocked')]
         if blocked:
             status[row] = {'status': 'blocked', 'reason': f'base row(s) {blocked} failed'}

@@ -166,11 +166,14 @@ def test_dry_run_plans_the_paper_table_without_training(tmp_path):
 
 
 def test_local_pool_runs_rows_at_once(smoke_table, tmp_path):
-    "workers=2: two training rows run side by side (their runs overlap in time) and give what one by one gave."
+    """workers=2: two training rows run side by side (their runs overlap in time) and give what one by one gave;
+    rows 4 and 5 (cRT and cRT+TTA on row 3) share row 3's feature cache and run one after the other."""
     from cxrlt.study import run_table
     out, _ = smoke_table
-    s = run_table('smoke', rows=[2, 3], out=tmp_path/'pool', workers=2, progress=False)
-    assert s['workers'] == 2 and [st['status'] for st in s['rows'].values()] == ['done', 'done'], s
+    s = run_table('smoke', rows=[2, 3, 4, 5], out=tmp_path/'pool', workers=2, progress=False)
+    assert s['workers'] == 2 and [st['status'] for st in s['rows'].values()] == ['done'] * 4, s
+    row_times = [json.loads((tmp_path/'pool'/'rows'/f'row0{r}'/'result.json').read_text()) for r in (4, 5)]
+    assert all('predictions' in t for t in row_times)
     times = [json.loads(m.read_text()) for m in sorted((tmp_path/'pool'/'runs').glob('row0[23]-*/manifest.json'))]
     start, end = ([pd.Timestamp(t[k]) for t in times] for k in ('start_time', 'end_time'))
     assert start[0] < end[1] and start[1] < end[0], times   # the two runs overlap
