@@ -8,7 +8,8 @@ import re, shutil, subprocess
 from pathlib import Path
 
 from .core import atomic_write
-from .study import execute_notebook, table_headline
+from .claims import table_headline
+from .study import execute_notebook
 
 # %% ../nbs/12_site.ipynb #05bccd7c
 def quarto_pages(root='.', # the repository root (holding _quarto.yml)

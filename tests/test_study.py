@@ -45,14 +45,13 @@ def test_failing_row_is_recorded_and_others_finish(smoke_table):
 
 def test_claims_are_tested_on_dev(smoke_table):
     "The one claim rows 3 and 4 can test (cRT improves LDAM-DRW), on dev, with a finite interval around the difference."
-    from cxrlt.study import paper_claims
+    from cxrlt.claims import paper_claims, table_headline
     out, _ = smoke_table
     c = paper_claims(out, n_bootstrap=20)
     assert c['rows'].tolist() == ['4 vs 3'] and c['metric'].tolist() == ['AP']
     assert c.ci_low[0] <= c['ours Δ'][0] <= c.ci_high[0] and c.verdict[0] in ('holds', 'contradicted', 'inconclusive')
     on_val = paper_claims(out, n_bootstrap=20, split='val')
     assert on_val['ours Δ'][0] != c['ours Δ'][0]   # dev and val are other patients
-    from cxrlt.study import table_headline
     decided = int(c.verdict[0] in ('holds', 'contradicted'))
     assert f'claims of the paper decided on dev: {decided} of 1 ' in table_headline(out)
 
