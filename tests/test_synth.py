@@ -12,7 +12,7 @@ import cxrlt.cli
 from cxrlt.labels import CLASSES
 from cxrlt import synth
 from cxrlt.data import IMAGES_DIR, REMOVAL_CSV, TEST_CSV, TEST_LABELS_CSV, TRAINING_CSV
-from cxrlt.synth import (COUNTS_CSV, MANIFEST_JSON, SYNTH_PRESETS, make_synthetic_cxrlt, read_padchest,
+from cxrlt.synth import (COUNTS_CSV, MANIFEST_JSON, SIGNS_CSV, SYNTH_PRESETS, make_synthetic_cxrlt, read_padchest,
                          render_radiograph, sample_padchest, write_dicom, write_png16)
 from cxrlt.synth.signs import _SIGNS
 
@@ -198,9 +198,29 @@ def test_resume_draws_only_missing_images(tmp_path, padchest):
     make_synthetic_cxrlt(tmp_path, **kw)
     images = sorted((tmp_path/IMAGES_DIR).rglob('*.*'))
     before = {p: p.read_bytes() for p in images}
+    signs = (tmp_path/SIGNS_CSV).read_bytes()
     for p in images[:5]: p.unlink()
     assert make_synthetic_cxrlt(tmp_path, **kw)['drawn'] == 5
-    assert {p: p.read_bytes() for p in images} == before
+    assert {p: p.read_bytes() for p in images} == before and (tmp_path/SIGNS_CSV).read_bytes() == signs
+    (tmp_path/SIGNS_CSV).unlink()   # a build killed before its signs were written: they are drawn again, in memory
+    for p in images[:3]: p.unlink()
+    assert make_synthetic_cxrlt(tmp_path, **kw)['drawn'] == 3
+    assert {p: p.read_bytes() for p in images} == before and (tmp_path/SIGNS_CSV).read_bytes() == signs
+
+
+def test_signs_record_every_positive_class(tiny):
+    "signs.csv holds one record per positive class of every image (Normal draws nothing), with its strength and box."
+    a, _ = tiny
+    signs = pd.read_csv(a/SIGNS_CSV)
+    labels = pd.concat([pd.read_csv(a/TRAINING_CSV), pd.read_csv(a/TEST_LABELS_CSV)]).set_index('ImageID')[CLASSES]
+    long = labels.drop(columns='Normal').stack()
+    positives = {(i, c) for (i, c), v in long.items() if v == 1}
+    assert set(zip(signs.ImageID, signs.sign)) == positives and len(signs) == len(positives)
+    assert signs.strength.between(0.15, 1.0).all()
+    boxed = signs.box_area.dropna()
+    assert len(boxed) >= 0.95 * len(signs) and boxed.between(0, 1, inclusive='right').all()
+    # the strengths are uniform on [0.15, 1], as drawn
+    assert stats.kstest(signs.strength, stats.uniform(0.15, 0.85).cdf).pvalue > 0.001
 
 
 def test_cli_options(monkeypatch):

@@ -2,9 +2,9 @@
 
 # %% auto #0
 __all__ = ['PADCHEST_CLASS_LABELS', 'PADCHEST_UNMAPPED', 'PADCHEST_TO_CLASSES', 'SYNTH_PADCHEST_COLUMNS', 'CHEST_PROJECTIONS',
-           'REMOVAL_LABELS', 'FRONTAL_PROJECTIONS', 'DEVICE_KINDS', 'COUNTS_CSV', 'MANIFEST_JSON', 'SYNTH_PRESETS',
-           'read_padchest', 'padchest_class_matrix', 'padchest_class_counts', 'sample_padchest', 'render_radiograph',
-           'write_png16', 'write_dicom', 'challenge_tables', 'make_synthetic_cxrlt', 'synth_cli']
+           'REMOVAL_LABELS', 'FRONTAL_PROJECTIONS', 'DEVICE_KINDS', 'COUNTS_CSV', 'MANIFEST_JSON', 'SIGNS_CSV',
+           'SYNTH_PRESETS', 'read_padchest', 'padchest_class_matrix', 'padchest_class_counts', 'sample_padchest',
+           'render_radiograph', 'write_png16', 'write_dicom', 'challenge_tables', 'make_synthetic_cxrlt', 'synth_cli']
 
 # %% ../../nbs/03_synth.ipynb #49013e73
 from .labels import (
@@ -12,11 +12,12 @@ from .labels import (
     SYNTH_PADCHEST_COLUMNS, padchest_class_counts, padchest_class_matrix, read_padchest, sample_padchest)
 from .anatomy import FRONTAL_PROJECTIONS
 from .signs import render_radiograph
-from cxrlt.synth.files import (
-    COUNTS_CSV, MANIFEST_JSON, SYNTH_PRESETS, challenge_tables, make_synthetic_cxrlt, synth_cli, write_dicom,
-    write_png16)
+from .files import (
+    COUNTS_CSV, MANIFEST_JSON, SIGNS_CSV, SYNTH_PRESETS, challenge_tables, make_synthetic_cxrlt, synth_cli,
+    write_dicom, write_png16)
 
 _all_ = ['PADCHEST_CLASS_LABELS', 'PADCHEST_UNMAPPED', 'PADCHEST_TO_CLASSES', 'SYNTH_PADCHEST_COLUMNS',
          'CHEST_PROJECTIONS', 'REMOVAL_LABELS', 'FRONTAL_PROJECTIONS', 'DEVICE_KINDS', 'COUNTS_CSV', 'MANIFEST_JSON',
-         'SYNTH_PRESETS', 'read_padchest', 'padchest_class_matrix', 'padchest_class_counts', 'sample_padchest',
-         'render_radiograph', 'write_png16', 'write_dicom', 'challenge_tables', 'make_synthetic_cxrlt', 'synth_cli']
+         'SIGNS_CSV', 'SYNTH_PRESETS', 'read_padchest', 'padchest_class_matrix', 'padchest_class_counts',
+         'sample_padchest', 'render_radiograph', 'write_png16', 'write_dicom', 'challenge_tables',
+         'make_synthetic_cxrlt', 'synth_cli']
