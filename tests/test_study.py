@@ -100,6 +100,10 @@ def test_site_builds_offline(smoke_table, tmp_path, capfd):
     out, _ = smoke_table
     cfg = yaml.safe_load((ROOT/'_quarto.yml').read_text())
     assert cfg['project']['type'] == 'website'
+    from cxrlt.study import run_table
+    ceiling = run_table('smoke', [3], data=out/'data'/'synthetic-tiny', out=out/'ceiling', overrides={3: {'epochs': 3}},
+                        progress=False)   # as `make ceiling` makes it: one row trained longer on the same data
+    assert ceiling['failed'] == []
     before = repository_files()
     build, site = tmp_path/'build', tmp_path/'site'
     page = build_site(out, ROOT, n_bootstrap=20, use_quarto=False, build_dir=build, site_dir=site)
@@ -109,6 +113,10 @@ def test_site_builds_offline(smoke_table, tmp_path, capfd):
         assert (site/Path(p).with_suffix('.html')).exists(), p
     html = (site/'_build'/'results.html').read_text()
     assert "Our table beside the paper" in html and "skip_exec" not in html and 'data:image/png;base64' in html
+    # outputs, not code: the ceiling's line and the best row's per-class figures beside the signs' difficulty
+    assert re.search(r'Ceiling reference \(dashed\): row 3 trained far longer .*dev mAP 0\.\d{3}, AUC 0\.\d{3}; '
+                     r'the same split', html)
+    assert re.search(r'row [34] dev AUC</th>', html) and 'How hard each class is' in html
     assert not re.findall(r'(?:src|href)="https?://(?:cdn|ajax|fonts)', html)
     assert 'results.html' in page.read_text()
     assert repository_files() == before, 'building the site into temporary folders changed the repository'
