@@ -58,7 +58,7 @@ demo: install
 
 # After `make demo`: the ceiling reference the results page draws per class group (about 8 minutes here).
 ceiling: install
-	$(BIN)/cxrlt table --preset demo --rows 1 --data $(abspath $(TABLE)/data/synthetic-demo) --out $(TABLE)/ceiling \
+	$(BIN)/cxrlt table --preset demo --rows 1 --data $(TABLE)/data/synthetic-demo --out $(TABLE)/ceiling \
 		--overrides '$(CEILING)'
 	$(BIN)/cxrlt site --table $(TABLE) --explorer $(TABLE)/explorer
 

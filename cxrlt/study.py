@@ -157,7 +157,7 @@ def challenge_files(data, # a folder with the CXR-LT 2026 files (or the syntheti
                    ) -> dict:
     "Paths of the challenge files in `data` (None for optional ones it lacks) and of its image folder."
     from cxrlt.data import IMAGES_DIR, REMOVAL_CSV, TEST_CSV, TEST_LABELS_CSV, TRAINING_CSV
-    data = Path(data)
+    data = Path(data).resolve()   # absolute: every row runs in its own folder
     if not (data/TRAINING_CSV).exists(): raise FileNotFoundError(f'{data} has no {TRAINING_CSV}')
     optional = lambda name: data/name if (data/name).exists() else None
     return {'data': data, 'images': data/IMAGES_DIR if (data/IMAGES_DIR).is_dir() else data,

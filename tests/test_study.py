@@ -101,9 +101,11 @@ def test_site_builds_offline(smoke_table, tmp_path, capfd):
     cfg = yaml.safe_load((ROOT/'_quarto.yml').read_text())
     assert cfg['project']['type'] == 'website'
     from cxrlt.study import run_table
-    ceiling = run_table('smoke', [3], data=out/'data'/'synthetic-tiny', out=out/'ceiling', overrides={3: {'epochs': 3}},
-                        progress=False)   # as `make ceiling` makes it: one row trained longer on the same data
-    assert ceiling['failed'] == []
+    with pytest.MonkeyPatch.context() as mp:   # as `make ceiling` makes it: one row trained longer on the same data,
+        mp.chdir(out)                          # named by a path relative to where the command runs
+        ceiling = run_table('smoke', [3], data='data/synthetic-tiny', out='ceiling', overrides={3: {'epochs': 3}},
+                            progress=False)
+    assert ceiling['failed'] == [], ceiling['rows']
     before = repository_files()
     build, site = tmp_path/'build', tmp_path/'site'
     page = build_site(out, ROOT, n_bootstrap=20, use_quarto=False, build_dir=build, site_dir=site)

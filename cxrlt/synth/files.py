@@ -166,11 +166,10 @@ def _render_job(job:dict, out:str, write:bool=True) -> list:
     img, boxes = render_radiograph(job['classes'], job['projection'], job['sex'], job['age'], job['seed'],
                                    job['index'], job['size'], job['padchest_labels'])
     path = Path(out)/job['path']
-    if not write: pass
-    elif path.suffix == '.dcm':
+    if write and path.suffix == '.dcm':
         write_dicom(img, path, f"cxrlt.synth seed {job['seed']} {job['image_id']}", monochrome1=job['index'] % 2 == 1,
                     meta=_dicom_meta(job))
-    else:
+    elif write:
         write_png16(img, path)
     _, strength = _sign_streams(_class_names(job['classes']), job['seed'], job['index'])
     area = lambda b: (b[2] - b[0]) * (b[3] - b[1]) / img.size
