@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cxrlt-installed
 KERNEL := cxrlt
 
-.PHONY: install test lint hooks check-notebooks nbtest pytest export clean-venv demo ceiling site
+.PHONY: install test lint hooks check-notebooks nbtest pytest export clean-venv demo ceiling site screenshots
 TABLE ?= runs/table-demo
 # the ceiling reference of the demo: row 1 on the same data and split, every batch of 6 epochs (vs 100 of 2)
 CEILING := {"1": {"epochs": 6, "max_batches_per_epoch": null, "batch_size": 32, "lr": 0.004}}
@@ -65,3 +65,7 @@ ceiling: install
 # The site alone, from the last demo table when there is one.
 site: install
 	$(BIN)/cxrlt site $(if $(wildcard $(TABLE)/table.json),--table $(TABLE)) $(if $(wildcard $(TABLE)/explorer/index.html),--explorer $(TABLE)/explorer)
+
+# After `make demo`: the README's screenshots of the site's home and results pages (1400 px wide, headless Chromium).
+screenshots: install
+	$(BIN)/python -c "from cxrlt.site import screenshot_pages; print(*screenshot_pages('_site', 'nbs/images'), sep='\n')"

@@ -283,7 +283,7 @@ def _tile_caption(c:str, p:float, truth:int, name:str, method:str) -> list:
 
 # %% ../nbs/09_cam.ipynb #4352b830
 def _tile_path(name:str, method:str, c:str, image_id:str) -> Path:
-    "Where a tile goes, relative to the output folder: overlays/<run>/<method>/<class>/<image>.png."
+    "Where a tile goes, relative to the output folder: `overlays/<run>/<method>/<class>/<image>.png`."
     return Path('overlays')/_slug(name)/method/class_slug(c)/f'{image_slug(image_id)}.png'
 
 # %% ../nbs/09_cam.ipynb #d1e1926e
@@ -337,7 +337,7 @@ def _warn_logit_gap(run_dir:Path, worst:float, pred:pd.DataFrame, classes):
 # %% ../nbs/09_cam.ipynb #0c13e363
 def run_cams(run_dir, # a finished run directory
              panel:pd.DataFrame, # from `cam_panel`: class, slot, ImageID, ground_truth
-             out, # output folder; tiles go to out/overlays/<run>/<method>/<class>/<image>.png
+             out, # output folder; tiles go to `out/overlays/<run>/<method>/<class>/<image>.png`
              methods=('gradcam',), # CAM methods (`CAM_METHODS` keys)
              device:str='auto', # device for the model
              tile_size:int=256, # side of each tile's image, px
@@ -398,7 +398,7 @@ def explorer_template() -> str:
 
 # %% ../nbs/09_cam.ipynb #0704c292
 def _script_json(data:dict) -> str:
-    "`data` as JSON that cannot end or open markup inside a <script> block: `&`, `<` and `>` as \\u escapes."
+    "`data` as JSON that cannot end or open markup inside a `<script>` block: `&`, `<` and `>` as \\u escapes."
     try: payload = json.dumps(data, ensure_ascii=False, allow_nan=False)
     except ValueError as e:
         raise ValueError(f'explorer data must hold finite numbers only (NaN/inf are not JSON): {e}') from e

@@ -323,6 +323,10 @@ def _macro_summary(table:pd.DataFrame, ece:float, n_samples:int) -> dict:
 # %% ../nbs/06_metrics.ipynb #8f345901
 _GROUP_ORDER = ('head', 'medium', 'tail')
 
+def _group_names(g:np.ndarray) -> list:
+    "The groups present in `g` (one label per class): head, medium and tail first, then the others alphabetically."
+    return [x for x in _GROUP_ORDER if x in g] + sorted(set(g) - set(_GROUP_ORDER))
+
 def _class_group_labels(groups, classes:list) -> np.ndarray:
     "The group of each class in column order, from a Series by class or one label per class."
     if isinstance(groups, pd.Series):
@@ -342,7 +346,7 @@ def _add_group_means(table:pd.DataFrame, summary:dict, groups):
     g = _class_group_labels(groups, list(table.index))
     table.insert(0, 'group', g)
     ap, auc, f1, excluded = (table[k].to_numpy() for k in ('AP', 'AUC', 'F1', 'excluded'))
-    for name in [x for x in _GROUP_ORDER if x in g] + sorted(set(g) - set(_GROUP_ORDER)):
+    for name in _group_names(g):
         m = g == name
         summary.update({f'{name}_mAP': _mean(ap[m]), f'{name}_mAUC': _mean(auc[m]), f'{name}_mF1': _mean(f1[m]),
                         f'{name}_n_classes_scored': int((m & ~excluded).sum())})
@@ -361,7 +365,7 @@ def evaluate(y_true, # labels, samples × classes, 0/1 (array or DataFrame with 
              patient_ids=None, # patient of each sample; bootstrap intervals then resample patients
              classes=None, # class names; default: DataFrame columns, else `CLASSES` for 30 columns
              n_bins:int=15, # ECE bins
-             n_bootstrap:int=0, # bootstrap replicates for 95 % intervals of the macro metrics (0: none)
+             n_bootstrap:int=0, # bootstrap replicates for 95 % intervals of the macro and group mAPs (0: none)
              level:float=0.95, # coverage of the bootstrap intervals
              seed:int=0, # seed of the bootstrap resampling
              lost_classes:str='exclude', # replicates that drew no positive of a class (see `bootstrap_ci`)
@@ -376,7 +380,8 @@ def evaluate(y_true, # labels, samples × classes, 0/1 (array or DataFrame with 
     if groups is not None: _add_group_means(table, summary, groups)
     if patient_ids is not None: summary['n_patients'] = int(len(_patient_codes(patient_ids, len(t))[1]))
     if n_bootstrap:
-        how = dict(patient_ids=patient_ids, n_bootstrap=n_bootstrap, level=level, seed=seed, n_bins=n_bins)
+        how = dict(patient_ids=patient_ids, n_bootstrap=n_bootstrap, level=level, seed=seed, n_bins=n_bins,
+                   groups=groups)
         summary.update(_bootstrap_summary(t, p, th, names, lost_classes=lost_classes, **how))
     return Evaluation(table, summary)
 
@@ -419,21 +424,24 @@ def _sample_bin_sums(t:np.ndarray, p:np.ndarray, n_bins:int) -> tuple:
 
 # %% ../nbs/06_metrics.ipynb #9f0f09bb
 def _macro(scores:tuple, # per-class AP, AUC, F1 and the pooled ECE (`_MacroScorer.per_class`)
-           keep:np.ndarray, # classes (bool) the macro means average over
+           keep:np.ndarray, # classes (bool) the macro and group means average over
+           groups:list=(), # (name, classes in the group as bool) of each group whose mAP to add as `<name>_mAP`
           ) -> dict:
-    "mAP, mAUC and mF1 over the classes in `keep` (mAUC also skips those without negatives), and the ECE."
+    "mAP, mAUC and mF1 over the classes in `keep` (mAUC also skips those without negatives), the ECE, group mAPs."
     ap, auc, f1, ece = scores
-    return {'mAP': _mean(ap[keep]), 'mAUC': _mean(auc[keep]), 'mF1': _mean(f1[keep]), 'ECE': ece}
+    return {'mAP': _mean(ap[keep]), 'mAUC': _mean(auc[keep]), 'mF1': _mean(f1[keep]), 'ECE': ece,
+            **{f'{name}_mAP': _mean(ap[keep & in_group]) for name, in_group in groups}}
 
 # %% ../nbs/06_metrics.ipynb #51dc6612
 class _MacroScorer:
     "Macro metrics of fixed predictions under any sample weighting (ranks, bins and predictions computed once)."
-    def __init__(self, t:np.ndarray, p:np.ndarray, th:np.ndarray, n_bins:int=15):
+    def __init__(self, t:np.ndarray, p:np.ndarray, th:np.ndarray, n_bins:int=15, groups:np.ndarray=None):
         self.ranked = _rank_scores(p)
         self.y_sorted = np.take_along_axis(np.ascontiguousarray(t.T), self.ranked.order, 1).astype(np.float64)
         self.f1_matrices = _f1_matrices(t, p >= th)
         self.bin_count, self.bin_prob, self.bin_pos = _sample_bin_sums(t, p, n_bins)
         self.scored = t.any(0)  # classes with a positive in the full sample
+        self.groups = [] if groups is None else [(g, groups == g) for g in _group_names(groups)]
 
     def per_class(self, w:np.ndarray) -> tuple:
         "Per-class AP, AUC, F1 (NaN where undefined) and the pooled ECE under sample weights `w`."
@@ -442,10 +450,11 @@ class _MacroScorer:
         return ap, auc, _f1_from_counts(*self.f1_matrices, w), ece
 
     def __call__(self, w:np.ndarray) -> dict:
-        "Macro metrics under `w` over the classes with a positive there, how many have none, the classes lost."
+        "Macro and group metrics under `w` over the classes with a positive there, how many have none, those lost."
         scores = self.per_class(w)
         lost = self.scored & np.isnan(scores[0])
-        return {**_macro(scores, self.scored & ~lost), 'n_excluded': int(np.isnan(scores[0]).sum()), 'lost': lost}
+        return {**_macro(scores, self.scored & ~lost, self.groups), 'n_excluded': int(np.isnan(scores[0]).sum()),
+                'lost': lost}
 
 # %% ../nbs/06_metrics.ipynb #f8fdad91
 def _lost_report(lost:np.ndarray, names:list, lost_classes:str) -> tuple:
@@ -474,6 +483,13 @@ def _replicates(score:_MacroScorer, names:list, weights, n_bootstrap:int, lost_c
     reps.attrs = report
     return reps
 
+# %% ../nbs/06_metrics.ipynb #b7d41c2e
+def _replicate_scorer(y_true, y_prob, thresholds, n_bins:int, groups) -> tuple:
+    "Checked labels, class names and the `_MacroScorer` of the predictions (with each class's group if `groups`)."
+    t, p, names = check_predictions(y_true, y_prob)
+    g = None if groups is None else _class_group_labels(groups, names)
+    return t, names, _MacroScorer(t, p, class_thresholds(thresholds, names), n_bins, g)
+
 # %% ../nbs/06_metrics.ipynb #86bb51e7
 def bootstrap_replicates(y_true, # labels, samples × classes, 0/1
                          y_prob, # probabilities, samples × classes
@@ -484,22 +500,27 @@ def bootstrap_replicates(y_true, # labels, samples × classes, 0/1
                          n_bins:int=15, # ECE bins
                          progress:bool=False, # show a progress bar
                          lost_classes:str='exclude', # a replicate that lost a class: 'exclude' it there, or 'drop'
+                         groups=None, # class → group (Series) or one label per class: adds `<group>_mAP` columns
                         ) -> pd.DataFrame:
-    "mAP, mAUC, mF1, ECE and the number of excluded classes of each replicate used; what was lost in `attrs`."
+    "mAP, mAUC, mF1, ECE, group mAPs, number of excluded classes of each replicate used; what was lost in `attrs`."
     _check_lost_policy(lost_classes)
-    t, p, names = check_predictions(y_true, y_prob)
-    score = _MacroScorer(t, p, class_thresholds(thresholds, names), n_bins)
+    t, names, score = _replicate_scorer(y_true, y_prob, thresholds, n_bins, groups)
     weights = bootstrap_weights(len(t), patient_ids, n_bootstrap, seed)
     return _replicates(score, names, weights, n_bootstrap, lost_classes, progress)
 
 # %% ../nbs/06_metrics.ipynb #c871f38d
+def _quantile(x:pd.Series, q:float) -> float:
+    "The `q` quantile of the values of `x` that are not NaN; NaN when there are none (a group without positives)."
+    x = x.dropna().to_numpy(np.float64)
+    return float(np.quantile(x, q)) if len(x) else float('nan')
+
 def _percentile_intervals(point:dict, reps:pd.DataFrame, level:float) -> pd.DataFrame:
-    "Point estimate, percentile interval and std of each macro metric (rows) over the bootstrap replicates."
+    "Point estimate, percentile interval and std of each metric of the replicates (rows, in their column order)."
     a = (1 - level) / 2
-    metrics = ['mAP', 'mAUC', 'mF1', 'ECE']
+    metrics = [m for m in reps.columns if m != 'n_excluded']
     return pd.DataFrame({'estimate': [point[m] for m in metrics],
-                         'low': [float(np.nanquantile(reps[m], a)) for m in metrics],
-                         'high': [float(np.nanquantile(reps[m], 1 - a)) for m in metrics],
+                         'low': [_quantile(reps[m], a) for m in metrics],
+                         'high': [_quantile(reps[m], 1 - a) for m in metrics],
                          'std': [float(reps[m].std()) for m in metrics]}, index=pd.Index(metrics, name='metric'))
 
 # %% ../nbs/06_metrics.ipynb #c45e9fd9
@@ -513,13 +534,13 @@ def bootstrap_ci(y_true, # labels, samples × classes, 0/1
                  n_bins:int=15, # ECE bins
                  progress:bool=False, # show a progress bar
                  lost_classes:str='exclude', # a replicate that lost a class: 'exclude' the class there, or 'drop' it
+                 groups=None, # class → group (Series) or one label per class: adds a row `<group>_mAP` per group
                 ) -> pd.DataFrame:
-    "Percentile bootstrap intervals of mAP, mAUC, mF1 and ECE (rows), with the point estimate and the replicates' std."
+    "Percentile bootstrap intervals of mAP, mAUC, mF1, ECE and group mAPs (rows), with estimate and replicates' std."
     if not 0 < level < 1: raise ValueError(f'level must lie in (0, 1), got {level}')
     if n_bootstrap < 2: raise ValueError(f'n_bootstrap must be at least 2, got {n_bootstrap}')
     _check_lost_policy(lost_classes)
-    t, p, names = check_predictions(y_true, y_prob)
-    score = _MacroScorer(t, p, class_thresholds(thresholds, names), n_bins)
+    t, names, score = _replicate_scorer(y_true, y_prob, thresholds, n_bins, groups)
     weights = bootstrap_weights(len(t), patient_ids, n_bootstrap, seed)
     reps = _replicates(score, names, weights, n_bootstrap, lost_classes, progress)
     ci = _percentile_intervals(score(np.ones(len(t))), reps, level)

@@ -1,4 +1,7 @@
 "Shared test data: a tiny data set in the challenge's format that a small CNN learns in seconds."
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +9,10 @@ import pandas as pd
 from PIL import Image
 
 from cxrlt.labels import CLASSES
+
+CHROMIUM = '/usr/bin/chromium'
+CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+                 '--disable-component-update', '--disable-sync', '--no-first-run']
 
 
 def tiny_challenge(folder, # where to write images/, train.csv (and test.csv, test_labels.csv) and cache/
@@ -67,3 +74,27 @@ def quiet_fit(cfg):
             warnings.simplefilter('ignore')
             return Path(fit(cfg)['run_dir'])
     finally: logger.setLevel(level)
+
+
+def launch_chromium(p):
+    "Debian Chromium, headless, under Playwright (its own browser download cannot work here)."
+    assert Path(CHROMIUM).exists(), ('Debian Chromium is missing: apt-get install -y --no-install-recommends chromium '
+                                     '(.ci/run installs it); this test must run, not skip')
+    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+
+
+def watch_page(page):
+    "Collect console errors, uncaught exceptions, failed loads and JavaScript dialogs of `page`."
+    problems = []
+    page.on('console', lambda m: m.type == 'error' and problems.append(f'console: {m.text}'))
+    page.on('pageerror', lambda e: problems.append(f'page error: {e}'))
+    page.on('requestfailed', lambda r: problems.append(f'failed load: {r.url}'))
+    page.on('dialog', lambda d: (problems.append(f'dialog: {d.message}'), d.dismiss()))
+    return problems
+
+
+def artifacts_dir(tmp_path_factory) -> Path:
+    "Where browser tests leave screenshots: $CXRLT_ARTIFACTS, else a folder of the test run."
+    d = Path(os.environ.get('CXRLT_ARTIFACTS') or tmp_path_factory.getbasetemp()/'artifacts')
+    d.mkdir(parents=True, exist_ok=True)
+    return d

@@ -1,7 +1,6 @@
 """The Grad-CAM explorer as users build and use it: `cxrlt cam` on a table run and on one run, and the page in a real
 browser (Debian Chromium driven by Playwright)."""
-import json, os, re, warnings
-from pathlib import Path
+import json, re, warnings
 
 import numpy as np
 import pandas as pd
@@ -12,11 +11,8 @@ from PIL import Image
 
 import cxrlt.cli
 from cxrlt.cam import cam_cli, class_activation_maps, explorer_file, explorer_html
-from conftest import tiny_challenge
+from conftest import artifacts_dir, launch_chromium, tiny_challenge, watch_page
 
-CHROMIUM = '/usr/bin/chromium'
-CHROMIUM_ARGS = ['--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
-                 '--disable-component-update', '--disable-sync', '--no-first-run']
 PANEL_CLASSES = ['Normal', 'aortic elongation', 'cardiomegaly', 'calcified densities']   # the last: rare, negatives
 
 
@@ -146,36 +142,14 @@ def test_every_family_matches_the_formula(name):
     np.testing.assert_allclose(maps, _reference_gradcam(model, x, k), atol=1e-3)
 
 
-def _launch(p):
-    assert Path(CHROMIUM).exists(), ('Debian Chromium is missing: apt-get install -y --no-install-recommends chromium '
-                                     '(.ci/run installs it); this test must run, not skip')
-    return p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-
-
-def _watch(page):
-    "Collect console errors, uncaught exceptions, failed loads and JavaScript dialogs of `page`."
-    problems = []
-    page.on('console', lambda m: m.type == 'error' and problems.append(f'console: {m.text}'))
-    page.on('pageerror', lambda e: problems.append(f'page error: {e}'))
-    page.on('requestfailed', lambda r: problems.append(f'failed load: {r.url}'))
-    page.on('dialog', lambda d: (problems.append(f'dialog: {d.message}'), d.dismiss()))
-    return problems
-
-
-def _artifacts(tmp_path_factory) -> Path:
-    d = Path(os.environ.get('CXRLT_ARTIFACTS') or tmp_path_factory.getbasetemp()/'artifacts')
-    d.mkdir(parents=True, exist_ok=True)
-    return d
-
-
 def test_explorer_in_chromium(explorer, tmp_path_factory):
     from playwright.sync_api import sync_playwright
     cams = pd.read_csv(explorer/'cams.csv', dtype={'ImageID': str})
-    shots = _artifacts(tmp_path_factory)
+    shots = artifacts_dir(tmp_path_factory)
     with sync_playwright() as p:
-        browser = _launch(p)
+        browser = launch_chromium(p)
         page = browser.new_page(viewport={'width': 1280, 'height': 900})
-        problems = _watch(page)
+        problems = watch_page(page)
         page.goto((explorer/'index.html').resolve().as_uri())
         page.click('#models-none'); page.click('#classes-none')
         assert page.locator('#grid .tile').count() == 0
@@ -256,9 +230,9 @@ def test_explorer_shows_names_as_text(explorer, tmp_path_factory):
     page_file = explorer/'names.html'
     page_file.write_text(explorer_html(data))
     with sync_playwright() as p:
-        browser = _launch(p)
+        browser = launch_chromium(p)
         page = browser.new_page()
-        problems = _watch(page)
+        problems = watch_page(page)
         page.goto(page_file.resolve().as_uri())
         page.click('#classes-none')
         page.get_by_label(evil, exact=True).check()

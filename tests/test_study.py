@@ -94,13 +94,26 @@ def repository_files() -> list:
     return [line for line in r.stdout.splitlines() if '__pycache__' not in line]
 
 
-def test_site_builds_offline(smoke_table, tmp_path, capfd):
-    "The static fallback builds every page `_quarto.yml` lists, into temporary folders (the repository is not touched)."
-    from cxrlt.site import build_site, quarto_pages
-    out, _ = smoke_table
-    cfg = yaml.safe_load((ROOT/'_quarto.yml').read_text())
-    assert cfg['project']['type'] == 'website'
+SITE_PAGE_CHECKS = """() => {
+  const text = document.body.innerText, prose = document.body.cloneNode(true);
+  prose.querySelectorAll('pre, code, script, style').forEach(e => e.remove());
+  return {text, math: document.querySelectorAll('math').length, rawMath: /\\$[^$\\s][^$\\n]*\\$/.test(prose.innerText),
+          images: [...document.images].map(i => [i.naturalWidth, i.naturalHeight]),
+          nav: [...document.querySelectorAll('nav.cxrlt-nav a')].map(a => a.href),
+          tables: [...document.querySelectorAll('table')].map(t => t.innerText.slice(0, 400))};
+}"""
+
+
+def test_site_in_chromium(smoke_table, tmp_path, tmp_path_factory, capfd):
+    """The static site from nbdev's processed notebooks, opened from disk in Chromium: every page of `_quarto.yml`
+    loads with no console error and no request off the disk, math typeset, images drawn, no directive or prompt,
+    every navigation link resolves, and the home page shows the table (the repository is not touched)."""
+    from playwright.sync_api import sync_playwright
+    from conftest import artifacts_dir, launch_chromium, watch_page
+    from cxrlt.site import build_site, chapter_sources, quarto_pages, screenshot_pages
     from cxrlt.study import run_table
+    out, _ = smoke_table
+    assert yaml.safe_load((ROOT/'_quarto.yml').read_text())['project']['type'] == 'website'
     with pytest.MonkeyPatch.context() as mp:   # as `make ceiling` makes it: one row trained longer on the same data,
         mp.chdir(out)                          # named by a path relative to where the command runs
         ceiling = run_table('smoke', [3], data='data/synthetic-tiny', out='ceiling', overrides={3: {'epochs': 3}},
@@ -108,21 +121,72 @@ def test_site_builds_offline(smoke_table, tmp_path, capfd):
     assert ceiling['failed'] == [], ceiling['rows']
     before = repository_files()
     build, site = tmp_path/'build', tmp_path/'site'
-    page = build_site(out, ROOT, n_bootstrap=20, use_quarto=False, build_dir=build, site_dir=site)
-    assert page == site/'index.html'
-    for p in quarto_pages(ROOT):  # every page the Quarto config lists exists once the site is built
-        assert (build/Path(p).relative_to('_build') if p.startswith('_build/') else ROOT/p).exists(), p
-        assert (site/Path(p).with_suffix('.html')).exists(), p
-    html = (site/'_build'/'results.html').read_text()
-    assert "Our table beside the paper" in html and "skip_exec" not in html and 'data:image/png;base64' in html
-    # outputs, not code: the ceiling's line and the best row's per-class figures beside the signs' difficulty
+    page, problems = build_site(out, ROOT, n_bootstrap=20, use_quarto=False, build_dir=build, site_dir=site,
+                                execute={'06_metrics.ipynb', '09_cam.ipynb'}, progress=False)
+    assert page == site/'index.html' and problems == {}, problems
+    listed = quarto_pages(build, ROOT)
+    assert len(listed) == len(chapter_sources(ROOT)) + 3, listed   # chapters and guide, home, API, results
+    pages = sorted(p.relative_to(site).as_posix() for p in site.glob('*.html'))
+    assert len(pages) == len(listed) and {'index.html', 'guide.html', 'api.html', 'results.html', 'metrics.html'} <= \
+        set(pages), pages
+    html = (site/'results.html').read_text()
+    assert "Our table beside the paper" in html and 'data:image/png;base64' in html
+    assert 'def ' not in html and 'import ' not in html   # the results page shows outputs, not code
     assert re.search(r'Ceiling reference \(dashed\): row 3 trained far longer .*dev mAP 0\.\d{3}, AUC 0\.\d{3}; '
                      r'the same split', html)
     assert re.search(r'row [34] dev AUC</th>', html) and 'How hard each class is' in html
-    assert not re.findall(r'(?:src|href)="https?://(?:cdn|ajax|fonts)', html)
-    assert 'results.html' in page.read_text()
+    assert 'holds' in html or 'inconclusive' in html or 'contradicted' in html   # the claims' verdicts in words
+    shots = artifacts_dir(tmp_path_factory)
+    with sync_playwright() as p:
+        browser = launch_chromium(p)
+        view = browser.new_page(viewport={'width': 1400, 'height': 1000})
+        errors, off_disk = watch_page(view), []
+        view.on('request', lambda r: r.url.startswith(('file:', 'data:')) or off_disk.append(r.url))
+        for name in pages:
+            errors.clear()
+            view.goto((site/name).as_uri())
+            view.wait_for_load_state('load')
+            got = view.evaluate(SITE_PAGE_CHECKS)
+            assert errors == [] and off_disk == [], (name, errors, off_disk)
+            # no directive line (`#| ...` opening a line; 12_site's prose and tests name them inside lines) or prompt
+            assert not re.search(r'(?m)^\s*#\| ', got['text']) and not re.search(r'In \[\d*\s*\]:', got['text']), name
+            assert all(w > 0 and h > 0 for w, h in got['images']), (name, got['images'])
+            assert not got['rawMath'], f'{name}: math left as $...$'
+            assert got['nav'] and all(Path(h.removeprefix('file://')).exists() for h in got['nav']), (name, got['nav'])
+            if name == 'metrics.html': assert got['math'] > 10 and got['images'], got['math']
+            if name == 'index.html':
+                assert any('paper AP' in t and 'ours AP' in t for t in got['tables']), got['tables']
+                assert 'best row on dev' in got['text'], got['text'][:500]
+        browser.close()
+    from PIL import Image
+    taken = screenshot_pages(site, shots)
+    assert [p.name for p in taken] == ['site-home.png', 'site-results.png']
+    assert all(Image.open(p).size[0] == 1400 and Image.open(p).size[1] > 900 for p in taken)
     assert repository_files() == before, 'building the site into temporary folders changed the repository'
     assert 'running over TCP' not in capfd.readouterr().err   # the kernels talk over local sockets
+
+
+def test_site_says_when_a_table_cannot_be_shown(smoke_table, tmp_path):
+    "A table with no finished row, or whose results notebook fails, gives a page that says so, not a traceback."
+    import shutil
+    from cxrlt.site import results_page
+    out, _ = smoke_table
+    empty = tmp_path/'empty'
+    empty.mkdir()
+    (empty/'table.json').write_text(json.dumps({'preset': 'smoke', 'rows': {}}))
+    build = tmp_path/'build'
+    build.mkdir()
+    assert results_page(empty, ROOT, build) == f'{empty} has no finished row'
+    page = (build/'results.ipynb').read_text()
+    assert 'has no finished row yet' in page and 'Traceback' not in page
+    broken = tmp_path/'broken'
+    shutil.copytree(out, broken, ignore=shutil.ignore_patterns('runs', 'data', 'ceiling'))
+    (broken/'table.json').unlink()   # the results notebook reads it first
+    error = results_page(broken, ROOT, build, n_bootstrap=5)
+    assert error and 'table.json' in error, error
+    page = (build/'results.ipynb').read_text()
+    assert 'could not be built' in page and 'table.json' in page and 'Traceback' not in page
+    assert (build/'results-failed.ipynb').exists()
 
 
 def test_recipe_add_a_row(smoke_table, tmp_path, monkeypatch):
