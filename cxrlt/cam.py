@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import atomic_write, choose_device, load_json, logger, save_csv, save_json
+from .core import atomic_write, choose_device, load_json, logger, new_folder, save_csv, save_json
 from .labels import CLASSES, class_index
 from .run import Run
 
@@ -527,13 +527,15 @@ def build_cam_explorer(run, # a run directory, or a folder of run directories (a
     _check_run_names(runs)
     vals, table = _shared_validation(run, runs)
     panel = cam_panel(table, classes, n_images, seed)
-    images = _save_images(panel, table, open_cache(Run(runs[0]).config.train_cache), out, tile_size)
-    tiles = pd.concat([run_cams(r, panel, out, methods, device, tile_size, alpha, val=vals[r], progress=progress)
-                       for r in runs], ignore_index=True)
-    save_csv(tiles, out/'cams.csv')
-    params = {'run': str(run), 'runs': [str(r) for r in runs], 'n_images': n_images, 'classes': classes,
-              'methods': methods, 'tile_size': tile_size, 'alpha': alpha, 'threshold': threshold, 'seed': seed}
-    _write_explorer(_explorer_data(runs, out, panel, images, tiles, params, t0.isoformat(timespec='seconds')), out)
+    with new_folder(out):
+        images = _save_images(panel, table, open_cache(Run(runs[0]).config.train_cache), out, tile_size)
+        tiles = pd.concat([run_cams(r, panel, out, methods, device, tile_size, alpha, val=vals[r], progress=progress)
+                           for r in runs], ignore_index=True)
+        save_csv(tiles, out/'cams.csv')
+        params = {'run': str(run), 'runs': [str(r) for r in runs], 'n_images': n_images, 'classes': classes,
+                  'methods': methods, 'tile_size': tile_size, 'alpha': alpha, 'threshold': threshold, 'seed': seed}
+        _write_explorer(_explorer_data(runs, out, panel, images, tiles, params, t0.isoformat(timespec='seconds')),
+                        out)
     seconds = (datetime.datetime.now(datetime.timezone.utc) - t0).total_seconds()
     logger.info(f'{out/"index.html"}: {len(runs)} model(s), {len(classes)} class(es), {len(tiles)} tiles '
                 f'in {seconds:.1f} s')
@@ -549,14 +551,8 @@ def cam_cli(run:str=None, # a run directory, or a folder of run directories (a t
             device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
            ) -> int:
     "Grad-CAM tiles of every finished model in RUN on a fixed validation panel, and the explorer RUN/cam/index.html."
-    import sys
-    if run is None:
-        print('cxrlt cam: --run is required (a run directory or a folder of run directories)', file=sys.stderr)
-        return 2
-    try: r = build_cam_explorer(run, out, n_images, classes, method, device)
-    except (FileNotFoundError, KeyError, ValueError) as e:
-        print(f'cxrlt cam: {e.args[0] if e.args else e}', file=sys.stderr)
-        return 2
+    if run is None: raise ValueError('--run is required (a run directory or a folder of run directories)')
+    r = build_cam_explorer(run, out, n_images, classes, method, device)
     print(f"{r['html']}: {len(r['models'])} model(s) × {len(r['classes'])} class(es) × {n_images} image(s), "
           f"{r['n_tiles']} tiles in {r['seconds']:.1f} s")
     return 0

@@ -2,12 +2,13 @@
 
 # %% auto #0
 __all__ = ['logger', 'MANIFEST_PACKAGES', 'get_logger', 'plot_theme', 'seed_everything', 'choose_device', 'atomic_write',
-           'save_json', 'load_json', 'save_csv', 'save_checkpoint', 'load_checkpoint', 'package_versions', 'git_state',
-           'host_info', 'start_run', 'end_run', 'log_to_file', 'run_directory', 'Config']
+           'new_folder', 'save_json', 'load_json', 'save_csv', 'save_checkpoint', 'load_checkpoint', 'package_versions',
+           'git_state', 'host_info', 'param_changes', 'start_run', 'end_run', 'log_to_file', 'run_directory', 'Config',
+           'read_config_yaml', 'check_ranges']
 
 # %% ../nbs/00_core.ipynb #1996b5a6
-import contextlib, dataclasses, datetime, difflib, json, logging, os, platform, random, socket
-import subprocess, sys, tempfile, types, typing
+import contextlib, dataclasses, datetime, difflib, json, logging, math, os, pickle, platform, random, re, socket
+import shutil, subprocess, sys, tempfile, types, typing
 from importlib import metadata
 from pathlib import Path
 
@@ -15,13 +16,23 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
+# %% ../nbs/00_core.ipynb #7d62b4e9
+class _StderrHandler(logging.StreamHandler):
+    "A handler writing to whatever `sys.stderr` is when a record comes (Jupyter and pytest replace it)."
+    @property
+    def stream(self):
+        import sys   # looked up at each record: also during interpreter shutdown
+        return sys.stderr
+    @stream.setter
+    def stream(self, value): pass
+
 # %% ../nbs/00_core.ipynb #d8957530
 def get_logger(level:int=logging.INFO, # logging level for the `cxrlt` logger
               ) -> logging.Logger:
     "The one `cxrlt` logger, created with a single stderr handler on first use."
     log = logging.getLogger('cxrlt')
     if not any(getattr(h, '_cxrlt', False) for h in log.handlers):
-        h = logging.StreamHandler()
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter('%(asctime)s %(levelname)s cxrlt: %(message)s', '%H:%M:%S'))
         h._cxrlt = True
         log.addHandler(h)
@@ -120,6 +131,18 @@ def atomic_write(path, # file to (re)write
         with contextlib.suppress(FileNotFoundError): os.unlink(tmp)
         raise
 
+# %% ../nbs/00_core.ipynb #8b7e39d9
+@contextlib.contextmanager
+def new_folder(path, # the output folder a command makes
+              ):
+    "Yield `path`; if the body raises and `path` did not exist before, remove it (no half-made folder)."
+    path = Path(path)
+    existed = path.exists()
+    try: yield path
+    except BaseException:
+        if not existed and path.is_dir(): shutil.rmtree(path, ignore_errors=True)
+        raise
+
 # %% ../nbs/00_core.ipynb #4edf1cfb
 def _json_default(o):
     "JSON form of the values results hold besides plain ones; a `TypeError` naming the type for the rest."
@@ -137,8 +160,11 @@ def save_json(obj, path) -> Path:
     return Path(path)
 
 def load_json(path):
-    "Read a JSON file."
-    return json.loads(Path(path).read_text(encoding='utf-8'))
+    "Read a JSON file; one that is cut short or not JSON is a `ValueError` naming it."
+    try: return json.loads(Path(path).read_text(encoding='utf-8'))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{path} is not a readable JSON file ({e}) — a file cut short (a full disk, a copy '
+                         'interrupted) or not written by cxrlt') from None
 
 # %% ../nbs/00_core.ipynb #bd3b5d49
 def save_csv(df, path, index:bool=False, **kw) -> Path:
@@ -156,7 +182,12 @@ def load_checkpoint(path, map_location='cpu') -> dict:
     "Load a checkpoint with `weights_only=True` (tensors and plain containers only, no pickled code)."
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'checkpoint {path} does not exist')
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try: return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        reason = str(e).splitlines()[0].split('. ')[0]
+        raise ValueError(f'checkpoint {path} cannot be read ({reason}) — a torch checkpoint written by cxrlt was '
+                         'expected (a file cut short comes from a full disk or an interrupted copy: restore it, '
+                         'or rerun the run that wrote it in a new folder)') from None
 
 # %% ../nbs/00_core.ipynb #47b9f221
 MANIFEST_PACKAGES = ('cxrlt', 'torch', 'torchvision', 'timm', 'numpy', 'pandas', 'scikit-learn', 'pydicom', 'papermill')
@@ -204,13 +235,24 @@ def _new_manifest(name:str, params:dict) -> dict:
             'command': sys.argv}
 
 # %% ../nbs/00_core.ipynb #31fd08bc
-def _resumed_manifest(run_dir:Path, params:dict) -> dict:
-    "The manifest of `run_dir` re-entered with `params`, which must equal the stored ones."
+def param_changes(old:dict, # the parameters a run was started with (its manifest's `params`)
+                  new:dict, # the parameters it is asked to continue with
+                  may_change=(), # keys that may differ (they do not change results, e.g. progress)
+                 ) -> typing.Optional[str]:
+    "What differs between a run's stored parameters and new ones, in words; None when nothing that matters does."
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k) and k not in may_change)
+    if not diff: return None
+    return (f'parameters differ for {diff} (stored: ' + ', '.join(f'{k}={old.get(k)!r}' for k in diff) + '; now: '
+            + ', '.join(f'{k}={new.get(k)!r}' for k in diff) + ')')
+
+def _resumed_manifest(run_dir:Path, params:dict, may_change=()) -> dict:
+    "The manifest of `run_dir` re-entered with `params`, which must equal the stored ones except for `may_change`."
     manifest = load_json(run_dir/'manifest.json')
-    diff = sorted(k for k in set(manifest['params']) | set(params) if manifest['params'].get(k) != params.get(k))
-    if diff: raise ValueError(f'cannot resume {run_dir}: parameters differ for {diff}')
+    changes = param_changes(manifest['params'], params, may_change)
+    if changes: raise ValueError(f'cannot resume {run_dir}: {changes} — rerun with the stored values '
+                                 'or choose another run name')
     manifest.setdefault('resumed_at', []).append(_utcnow())
-    manifest.update(status='running', end_time=None)
+    manifest.update(status='running', end_time=None, params=params)
     return manifest
 
 # %% ../nbs/00_core.ipynb #a419b8aa
@@ -218,6 +260,7 @@ def start_run(root, # folder holding run directories
               name:str=None, # run name; default: a UTC timestamp
               params=None, # parameters (dict or dataclass) recorded in the manifest
               resume:bool=False, # re-enter an existing run with the same parameters
+              may_change=(), # parameters a resumed run may change (those that do not change results, e.g. progress)
              ) -> Path:
     "Create (or, with `resume`, re-enter) a run directory and write its `manifest.json`."
     name = name or datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
@@ -226,7 +269,7 @@ def start_run(root, # folder holding run directories
         if not resume:
             raise FileExistsError(f'run directory {run_dir} already holds a run; '
                                   'pass resume=True to continue it or choose another name')
-        manifest = _resumed_manifest(run_dir, params)
+        manifest = _resumed_manifest(run_dir, params, may_change)
     else: manifest = _new_manifest(name, params)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(manifest, run_dir/'manifest.json')
@@ -333,6 +376,7 @@ def _check_scalar(value, tp, key:str):
     "`value` checked against plain type `tp`, with int → float and str → Path the only conversions."
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)): raise _type_error(value, tp, key)
+        if not math.isfinite(value): raise TypeError(f'key {key!r} expects a finite number, got {value!r}')
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int): raise _type_error(value, tp, key)
@@ -387,16 +431,47 @@ def from_dict(cls:Config, d:dict, # field name → value
     try: return cls(**{k: _check_value(v, types_[k], k) for k, v in d.items()})
     except TypeError as e: raise TypeError(f'{source}: {cls.__name__}: {e}') from None
 
+# %% ../nbs/00_core.ipynb #0bac224b
+import yaml
+
+_EXPONENT_FLOAT = re.compile(r'^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$')
+
+class _ConfigLoader(yaml.SafeLoader):
+    "PyYAML's safe loader with YAML 1.2 exponent floats (`3e-4`) and duplicate keys refused."
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f'key {key!r} is given twice', key_node.start_mark)
+            seen.add(key) if isinstance(key, typing.Hashable) else None
+        return super().construct_mapping(node, deep)
+
+_ConfigLoader.add_implicit_resolver('tag:yaml.org,2002:float', _EXPONENT_FLOAT, list('-+0123456789.'))
+
+# %% ../nbs/00_core.ipynb #0da6d83a
+def read_config_yaml(text:str, # YAML (or JSON) text
+                     source:str='config', # where it comes from, named in errors
+                    ):
+    "Parse config text: exponent floats are numbers, a repeated key or malformed YAML a one-line `ValueError`."
+    try: return yaml.load(text, _ConfigLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' (line {mark.line + 1}, column {mark.column + 1})' if mark else ''
+        raise ValueError(f'{source}: {getattr(e, "problem", None) or e}{where} — YAML or JSON of key: value '
+                         'was expected') from None
+
 # %% ../nbs/00_core.ipynb #412c68c6
 @patch(cls_method=True)
 def from_file(cls:Config, path, # a YAML or JSON file of field name → value
              ):
     "Build from a YAML or JSON file."
-    import yaml
     path = Path(path)
-    if not path.exists(): raise FileNotFoundError(f'config file {path} does not exist')
-    d = yaml.safe_load(path.read_text(encoding='utf-8')) or {}
-    return cls.from_dict(d, source=str(path))
+    if not path.is_file(): raise FileNotFoundError(f'config file {path} does not exist or is not a file')
+    try: text = path.read_text(encoding='utf-8')
+    except UnicodeDecodeError: raise ValueError(f'config file {path} is not UTF-8 text — a YAML or JSON file '
+                                                'was expected') from None
+    return cls.from_dict(read_config_yaml(text, str(path)) or {}, source=str(path))
 
 # %% ../nbs/00_core.ipynb #2a6aa56b
 @patch
@@ -409,10 +484,27 @@ def to_dict(self:Config) -> dict:
 def with_overrides(self:Config, overrides, # `key=value` strings, each value parsed as YAML
                   ) -> 'Config':
     "A copy with `key=value` overrides applied (values parsed as YAML, then checked)."
-    import yaml
     d = self.to_dict()
     for o in overrides:
         key, sep, raw = o.partition('=')
         if not sep: raise ValueError(f'override {o!r} is not of the form key=value')
-        d[key.strip()] = yaml.safe_load(raw)
+        d[key.strip()] = read_config_yaml(raw, f'override {o!r}')
     return type(self).from_dict(d, source='overrides')
+
+# %% ../nbs/00_core.ipynb #d3295e3b
+def _interval(text:str) -> tuple:
+    "Bounds and closedness of an interval written '[0, 1)', '(0, inf)'."
+    lo, hi = (float(v) for v in text[1:-1].split(','))
+    return lo, hi, text[0] == '[', text[-1] == ']'
+
+def check_ranges(cfg, # a config dataclass
+                 ranges:dict, # field name → interval, e.g. {'lr': '(0, inf)', 'momentum': '[0, 1)'}
+                ):
+    "Raise a `ValueError` naming the first field of `cfg` whose value (or a tuple's item) lies outside its interval."
+    for key, text in ranges.items():
+        value = getattr(cfg, key)
+        lo, hi, lo_in, hi_in = _interval(text)
+        for v in (value if isinstance(value, (tuple, list)) else [value]):
+            if v is None: continue
+            if not ((lo < v or (lo_in and v == lo)) and (v < hi or (hi_in and v == hi))):
+                raise ValueError(f'{key} must be in {text}, got {value!r}')

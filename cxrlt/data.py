@@ -7,7 +7,7 @@ __all__ = ['ID_COLUMNS', 'TRAINING_CSV', 'TEST_CSV', 'TEST_LABELS_CSV', 'REMOVAL
            'read_padchest_master', 'join_padchest', 'load_training_table']
 
 # %% ../nbs/02_data.ipynb #1410ef91
-import csv, difflib, functools, importlib.util, re, warnings
+import contextlib, csv, difflib, functools, importlib.util, re, warnings
 from decimal import Decimal, InvalidOperation, ROUND_DOWN, ROUND_HALF_UP, localcontext
 from pathlib import Path
 
@@ -30,18 +30,54 @@ TEST_LABELS_CSV = 'CXRLT_2026_TEST_ALL_TASK1_labels.csv'  # their answers in the
 REMOVAL_CSV = 'Removal.csv'  # images not to train on
 IMAGES_DIR = 'images'  # the images, in PadChest's numbered sub-folders
 
+# %% ../nbs/02_data.ipynb #f623e5a7
+def _one_line(e) -> str: return ' '.join(str(e).split())
+
+def _not_utf8(path, e:UnicodeDecodeError) -> str:
+    "The first byte of the file at `path` that is not UTF-8, and its line (`e`'s byte when the file is compressed)."
+    data = Path(path).read_bytes()
+    try: data.decode('utf-8')
+    except UnicodeDecodeError as first:
+        line = data.count(b'\n', 0, first.start) + 1
+        return f'byte 0x{data[first.start]:02x} on line {line} is not UTF-8 text'
+    return f'byte 0x{e.object[e.start]:02x} is not UTF-8 text'
+
+def _no_image_error(path, what:str, empty:bool=False) -> ValueError:
+    "The error for a CSV that lists no image: an `empty` file, or a header only."
+    if empty: return ChallengeFileError(f'{path}: the file is empty — expected a header line and one line per image')
+    return ChallengeFileError(f'{path}: the header is the only line: the {what} lists no image '
+                              '— expected one line per image after the header')
+
+# %% ../nbs/02_data.ipynb #4b4269d3
+@contextlib.contextmanager
+def _csv_errors(path, what:str):
+    "Decoding and parsing errors while reading the `what` at `path`, as one-line `ChallengeFileError`s naming it."
+    try: yield
+    except UnicodeDecodeError as e:
+        raise ChallengeFileError(f'{path}: {_not_utf8(path, e)} — expected the {what} as a UTF-8 CSV file') from None
+    except pd.errors.EmptyDataError: raise _no_image_error(path, what, empty=True) from None
+    except pd.errors.ParserError as e:
+        raise ChallengeFileError(f'{path}: not a readable CSV file: {_one_line(e)} '
+                                 f'— expected the {what} as comma-separated lines') from None
+
+def _existing_csv(path, what:str) -> Path:
+    "`path` as a Path, after checking that it is a file and (in its first 64 KiB) not binary."
+    path = Path(path)
+    if not path.is_file(): raise FileNotFoundError(f'{what} {path} does not exist')
+    with open(path, 'rb') as f: head = f.read(1 << 16)
+    if b'\x00' in head:
+        raise ChallengeFileError(f'{path}: holds NUL bytes (a binary file, or UTF-16 text) '
+                                 f'— expected the {what} as a UTF-8 CSV file')
+    return path
+
 # %% ../nbs/02_data.ipynb #c88eb15a
 def _read_cells(path, what:str) -> tuple:
     "Verbatim header and every cell (as text, '' when empty or absent) of the CSV at `path`, less unnamed columns."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'{what} {path} does not exist')
-    try:
+    path = _existing_csv(path, what)
+    with _csv_errors(path, what):
         raw = pd.read_csv(path, header=None, dtype=str, keep_default_na=False, na_filter=False,
                           skip_blank_lines=False, encoding='utf-8-sig')
-    except pd.errors.EmptyDataError:
-        raise ChallengeFileError(f'{path}: the file is empty; expected a header line and one line per image') from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as e:
-        raise ChallengeFileError(f'{path}: not a readable CSV file: {e}') from None
+    if len(raw) < 2: raise _no_image_error(path, what)
     header = [str(h) for h in raw.iloc[0]]
     cells = raw.iloc[1:].reset_index(drop=True).fillna('')
     cells.columns = range(len(header))
@@ -186,22 +222,32 @@ def _image_id_column(path:Path) -> int:
                                  f"columns: {', '.join(map(repr, header))}")
     return names.index('ImageID')
 
+def _blank(path:Path) -> bool:
+    "Whether the file at `path` holds nothing but a byte-order mark and whitespace."
+    with open(path, 'rb') as f: head = f.read(4096)
+    return len(head) < 4096 and not head.removeprefix(b'\xef\xbb\xbf').strip()
+
 # %% ../nbs/02_data.ipynb #6bd173fe
 def read_image_ids(path, # any challenge CSV with an `ImageID` column
+                   allow_empty:bool=False, # a file that lists no image (empty, or a header only) gives []
                   ) -> list:
     "The `ImageID` column of a CSV: present, no empty cell, no ImageID twice (other columns are not read)."
-    path = Path(path)
-    if not path.is_file(): raise FileNotFoundError(f'CSV {path} does not exist')
-    ids = pd.read_csv(path, usecols=[_image_id_column(path)], header=None, skiprows=1, dtype=str, keep_default_na=False,
-                      na_filter=False, skip_blank_lines=False, encoding='utf-8-sig').iloc[:, 0].fillna('')
-    _check_id_columns(path, ids.to_frame(0), {'ImageID': 0}, columns=['ImageID'])
+    path = _existing_csv(path, 'CSV')
+    if _blank(path):
+        if allow_empty: return []
+        raise _no_image_error(path, 'CSV', empty=True)
+    with _csv_errors(path, 'CSV'):
+        ids = pd.read_csv(path, usecols=[_image_id_column(path)], header=None, dtype=str, keep_default_na=False,
+                          na_filter=False, skip_blank_lines=False, encoding='utf-8-sig').iloc[1:, 0].fillna('')
+    if not len(ids) and not allow_empty: raise _no_image_error(path, 'CSV')
+    _check_id_columns(path, ids.reset_index(drop=True).to_frame(0), {'ImageID': 0}, columns=['ImageID'])
     return ids.tolist()
 
 # %% ../nbs/02_data.ipynb #6e89d3b7
 def read_removal_csv(path, # `Removal.csv`: the images the organisers ask not to train on
                     ) -> list:
-    "ImageIDs listed in `Removal.csv` (validated like every `ImageID` column)."
-    return read_image_ids(path)
+    "ImageIDs listed in `Removal.csv` (validated like every `ImageID` column); an empty file removes nothing."
+    return read_image_ids(path, allow_empty=True)
 
 # %% ../nbs/02_data.ipynb #244c29ff
 def remove_images(df:pd.DataFrame, # a table with an `ImageID` column
@@ -293,10 +339,12 @@ def _check_master_columns(path:str, header, columns:tuple):
 def _read_master(path:str, mtime_ns:int, size:int, columns:tuple, as_text:bool) -> pd.DataFrame:
     "`columns` of the master CSV at `path`, checked; cached per file version, columns and typing."
     opener = _master_opener(path)
-    _check_master_columns(path, pd.read_csv(path, nrows=0, **opener).columns, columns)
     typing = (dict(dtype=str, keep_default_na=False) if as_text
               else dict(dtype={c: str for c in _MASTER_TEXT_COLUMNS if c in columns}))
-    df = pd.read_csv(path, usecols=list(columns), **typing, **opener)[list(columns)]
+    with _csv_errors(path, 'PadChest master CSV'):
+        _check_master_columns(path, pd.read_csv(path, nrows=0, **opener).columns, columns)
+        df = pd.read_csv(path, usecols=list(columns), **typing, **opener)[list(columns)]
+    if not len(df): raise _no_image_error(path, 'PadChest master CSV')
     dup = df['ImageID'][df['ImageID'].duplicated()]
     if len(dup): raise ChallengeFileError(f"{path}: ImageID {dup.iloc[0]!r} appears more than once")
     return df

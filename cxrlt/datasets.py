@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from fastcore.basics import patch
 
-from .core import Config
+from .core import Config, check_ranges
 from .cache import ImageCache, open_cache, _available_cpus
 
 # %% ../nbs/02e_datasets.ipynb #26e7e87f
@@ -113,6 +113,12 @@ class AugmentConfig(Config):
     scale: tuple[float, float] = (0.9, 1.1) # zoom factor range; (1, 1) for none
     brightness: float = 0.1 # brightness factor drawn from [1 - b, 1 + b]
     contrast: float = 0.1 # contrast factor drawn from [1 - c, 1 + c]
+
+    def __post_init__(self):
+        check_ranges(self, {'hflip': '[0, 1]', 'degrees': '[0, 180]', 'translate': '[0, 1)', 'scale': '(0, inf)',
+                            'brightness': '[0, 1]', 'contrast': '[0, 1]'})
+        if self.scale[0] > self.scale[1]:
+            raise ValueError(f'scale must be (low, high) with low <= high, got {self.scale}')
 
 # %% ../nbs/02e_datasets.ipynb #75d5b904
 def train_augmentation(cfg:AugmentConfig=None, # the augmentations; default `AugmentConfig()`

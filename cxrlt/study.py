@@ -5,7 +5,7 @@ __all__ = ['ROWS', 'POST_STEPS', 'PAPER_LOSSES', 'PRESETS', 'EXECUTORS', 'METRIC
            'Row', 'check_post_training', 'register_row', 'Preset', 'row_backbone', 'challenge_files', 'table_data',
            'training_config', 'row_plan', 'check_table_inputs', 'table_plan', 'split_labels', 'score_predictions',
            'row_notebook', 'kernel_name', 'execute_notebook', 'row_dir', 'row_parameters', 'row_is_done', 'run_row',
-           'post_train', 'execute_row', 'run_table', 'collect_results', 'table_cli']
+           'post_train', 'set_aside_stale_run', 'execute_row', 'run_table', 'collect_results', 'table_cli']
 
 # %% ../nbs/11_study.ipynb #9207f2f8
 import dataclasses, hashlib, importlib.resources, json, re, time, traceback
@@ -164,6 +164,12 @@ def challenge_files(data, # a folder with the CXR-LT 2026 files (or the syntheti
             'train_csv': data/TRAINING_CSV, 'removal_csv': optional(REMOVAL_CSV), 'test_csv': optional(TEST_CSV),
             'test_labels_csv': optional(TEST_LABELS_CSV)}
 
+# %% ../nbs/11_study.ipynb #47e8301d
+def _cache_folder(table_dir:Path, split:str, size:int, images, ids:list) -> Path:
+    "The table's cache of `ids` from `images` at `size`: a folder per source, so other data never meets a stale cache."
+    source = json.dumps([str(Path(images).resolve()), ids])
+    return table_dir/'data'/f'cache-{split}-{size}-{hashlib.sha256(source.encode()).hexdigest()[:8]}'
+
 # %% ../nbs/11_study.ipynb #ddee1ec9
 def table_data(preset:Preset, # the preset of the table
                table_dir, # the table's folder
@@ -178,12 +184,11 @@ def table_data(preset:Preset, # the preset of the table
                          f'pass data=<folder with {TRAINING_CSV}>')
     out = challenge_files(_synthetic_data(preset, table_dir, progress) if data is None else data)
     for split, csv in (('train', out['train_csv']), ('test', out['test_csv'])):
-        cache = table_dir/'data'/f'cache-{split}-{preset.image_size}' if csv is not None else None
-        complete = cache is not None and (cache/'cache.json').exists() and \
-            load_json(cache/'cache.json').get('status') == 'complete'
-        if cache is not None and not complete:
-            build_cache(read_image_ids(csv), out['images'], cache, size=preset.image_size, csv=str(csv),
-                        progress=progress)
+        cache = None
+        if csv is not None:
+            ids = read_image_ids(csv)
+            cache = _cache_folder(table_dir, split, preset.image_size, out['images'], ids)
+            build_cache(ids, out['images'], cache, size=preset.image_size, csv=str(csv), progress=progress)
         out[f'{split}_cache'] = cache
     return {k: (str(v) if v is not None else None) for k, v in out.items()}
 
@@ -244,9 +249,9 @@ def _throughput_rates(throughput) -> dict:
 
 def _images_after_removal(files:dict) -> int:
     "Training images less those `Removal.csv` lists."
-    from cxrlt.data import read_image_ids
+    from cxrlt.data import read_image_ids, read_removal_csv
     ids = set(read_image_ids(files['train_csv']))
-    return len(ids - set(read_image_ids(files['removal_csv']))) if files.get('removal_csv') else len(ids)
+    return len(ids - set(read_removal_csv(files['removal_csv']))) if files.get('removal_csv') else len(ids)
 
 # %% ../nbs/11_study.ipynb #7d93b4a9
 def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> float:
@@ -440,6 +445,22 @@ def post_train(post:str, # the row's post-training, e.g. 'cRT+TTA' ('' re-scores
         return Path(pt.calibrate(crt_files[0], 'temperature', labels=labels, out=out_dir/'crt-calibrated.csv')['out'])
     return Path(pt.ensemble(crt_files, out_dir/'crt-ensemble.csv', 'weighted', labels=labels)['out'])
 
+# %% ../nbs/11_study.ipynb #95914e0d
+def set_aside_stale_run(cfg, # the row's `TrainConfig`
+                        table_dir:Path, # the table's folder
+                       ) -> Optional[Path]:
+    "Move a row's earlier run that `cfg` cannot resume or reuse to `<table>/replaced/`; where it went, or None."
+    from cxrlt.train import stored_run_problems
+    run_dir = Path(cfg.out_dir)/cfg.resolved_run_name()
+    why = stored_run_problems(run_dir, cfg)
+    if not why: return None
+    dest = Path(table_dir)/'replaced'/f'{run_dir.name}-{time.strftime("%Y%m%dT%H%M%S")}'
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    run_dir.rename(dest)
+    logger.warning(f'{run_dir.name}: its earlier run used other parameters or inputs ({"; ".join(why)}); '
+                   f'moved to {dest}')
+    return dest
+
 # %% ../nbs/11_study.ipynb #11183275
 def execute_row(params:dict, # from `row_parameters`
                 table_dir, # the table's folder
@@ -454,7 +475,9 @@ def execute_row(params:dict, # from `row_parameters`
     data = {**params['data'], 'split_file': str(table_dir/'split.csv')}
     if 'config' in params:
         from cxrlt.train import TrainConfig, fit
-        r = fit(TrainConfig.from_dict(params['config'], source=f"row {params['row']}"))
+        cfg = TrainConfig.from_dict(params['config'], source=f"row {params['row']}")
+        set_aside_stale_run(cfg, table_dir)
+        r = fit(cfg)
         run_dirs, predictions = [r['run_dir']], Path(r['run_dir'])/'predictions.csv'
         training = {k: r[k] for k in ('best_epoch', 'epochs_run', 'drw_start_epoch', 'best_epoch_phase')}
     else:
@@ -615,20 +638,15 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synth
               workers:int=None, # rows the local executor runs at once (default: the preset's; demo 2)
              ) -> int:
     "Run the table through papermill; finished rows are skipped, failures recorded; non-zero exit if a row failed."
-    import sys
-    def fail(msg): print(f'cxrlt table: {msg}', file=sys.stderr); return 2
     try: row_list = [int(r) for r in rows.split(',')] if rows else None
-    except ValueError: return fail(f'--rows must be comma-separated row numbers, got {rows!r}')
+    except ValueError: raise ValueError(f'--rows must be comma-separated row numbers, got {rows!r}') from None
     try: over = {int(k): v for k, v in json.loads(overrides).items()} if overrides else None
     except (ValueError, AttributeError):
-        return fail(f'--overrides must be a JSON object of row -> {{key: value}}, got {overrides!r}')
+        raise ValueError(f'--overrides must be a JSON object of row -> {{key: value}}, got {overrides!r}') from None
     if dry_run:
-        try: plan = table_plan(preset, row_list, data, img_per_s, throughput)
-        except (KeyError, ValueError, FileNotFoundError) as e: return fail(e.args[0] if e.args else e)
-        print(_plan_text(plan, preset))
+        print(_plan_text(table_plan(preset, row_list, data, img_per_s, throughput), preset))
         return 0
-    try: s = run_table(preset, row_list, executor, data, out, over, workers=workers)
-    except (KeyError, ValueError, FileNotFoundError) as e: return fail(e.args[0] if e.args else e)
+    s = run_table(preset, row_list, executor, data, out, over, workers=workers)
     by_status = {}
     for r, st in s['rows'].items():
         by_status.setdefault(st['status'], []).append(str(int(r)))

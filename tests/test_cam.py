@@ -104,13 +104,15 @@ def test_cli_single_run_and_errors(table, capsys):
     assert cams.model.unique().tolist() == ['resnet10t-bce'] and len(cams) == 1
     assert (run/'cam'/'index.html').is_file()
     capsys.readouterr()
-    assert cam_cli() == 2 and '--run is required' in capsys.readouterr().err
-    assert cam_cli(run=str(run), classes='cardiomegally', device='cpu') == 2
-    assert 'not a CXR-LT 2026 class' in capsys.readouterr().err
-    assert cam_cli(run=str(table/'table'/'crashed'), device='cpu') == 2
-    assert "status 'failed'" in capsys.readouterr().err
-    assert cam_cli(run=str(table/'nowhere'), device='cpu') == 2
-    assert 'is not a folder' in capsys.readouterr().err
+    def err(*args):   # `cxrlt cam ...` as users run it: exit code 2 and one line
+        assert cxrlt.cli.main(['cam', *args]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith('cxrlt cam: '), lines
+        return lines[0]
+    assert '--run is required' in err()
+    assert 'not a CXR-LT 2026 class' in err('--run', str(run), '--classes', 'cardiomegally', '--device', 'cpu')
+    assert "status 'failed'" in err('--run', str(table/'table'/'crashed'), '--device', 'cpu')
+    assert 'is not a folder' in err('--run', str(table/'nowhere'), '--device', 'cpu')
 
 
 def _reference_gradcam(model, x, k):

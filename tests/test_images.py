@@ -269,8 +269,10 @@ def test_cache_command(tmp_path, many_pngs, monkeypatch, capsys):
     assert '--csv required' in capsys.readouterr().err
 
     dup = write_challenge_csv(tmp_path / 'dup.csv', ids[:2] + ids[:1])
-    with pytest.raises(ValueError, match='dup.csv'):
-        cxrlt.cli.main(['cache', '--csv', str(dup), '--images', str(src), '--out', str(tmp_path / 'c3')])
+    assert cxrlt.cli.main(['cache', '--csv', str(dup), '--images', str(src), '--out', str(tmp_path / 'c3')]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith('cxrlt cache: ') and 'dup.csv' in err and err.count('\n') == 1, err
+    assert not (tmp_path / 'c3').exists()
 
     with pytest.raises(SystemExit):
         cxrlt.cli.main(['cache', '--help'])

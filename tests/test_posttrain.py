@@ -286,9 +286,9 @@ def test_submit_refuses(case, run, tiny, tmp_path, monkeypatch, capsys):
     edit, message = REFUSALS[case]
     out = tmp_path/'submission.zip'
     assert submit(monkeypatch, '--predictions', _edited(run, tmp_path, edit), '--test_csv', tiny/'test.csv',
-                  '--out', out) == 1
+                  '--out', out) == 2
     err = capsys.readouterr().err
-    assert err.startswith('cxrlt submit: refused: ') and message in err, err
+    assert err.startswith('cxrlt submit: ') and err.count('\n') == 1 and message in err, err
     assert not out.exists() and not out.with_suffix('.json').exists()
 
 
@@ -299,15 +299,15 @@ def test_submit_refuses_bad_inputs(run, tiny, tmp_path, monkeypatch, capsys):
     (tmp_path/'test.csv').write_text('ImageID,StudyDate_DICOM,PatientID\n'
                                      'tst0000.png,20200101,1\ntst0000.png,20200101,1\n')
     assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tmp_path/'test.csv',
-                  '--out', out) == 1
+                  '--out', out) == 2
     assert "'tst0000.png' appears on lines 2, 3" in capsys.readouterr().err
-    assert submit(monkeypatch, '--predictions', tmp_path/'none.csv', '--test_csv', tiny/'test.csv', '--out', out) == 1
+    assert submit(monkeypatch, '--predictions', tmp_path/'none.csv', '--test_csv', tiny/'test.csv', '--out', out) == 2
     assert 'none.csv does not exist' in capsys.readouterr().err
     assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv', '--out', out,
-                  '--code_dir', tmp_path/'nowhere') == 1
+                  '--code_dir', tmp_path/'nowhere') == 2
     assert 'is not a folder' in capsys.readouterr().err
     assert submit(monkeypatch, '--predictions', run/'predictions.csv', '--test_csv', tiny/'test.csv',
-                  '--out', tmp_path/'sub.tar') == 1
+                  '--out', tmp_path/'sub.tar') == 2
     assert 'out must be a .zip file' in capsys.readouterr().err
     assert not out.exists()
 

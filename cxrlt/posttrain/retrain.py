@@ -96,7 +96,7 @@ def train_classifier(features, # (N, D) frozen backbone features
                      num_samples:int=None, # rows drawn per epoch; default N
                     ) -> tuple:
     "A freshly initialised classifier trained on fixed features; returns (classifier in eval mode on the CPU, history)."
-    from cxrlt.losses import make_loss
+    from cxrlt.losses import finish_target_checks, make_loss
     X, Y, sampler_cls = _classifier_inputs(features, labels, head, sampler)
     draw = sampler_cls(Y.numpy(), num_samples=num_samples, seed=seed)
     counts, n = _loss_counts(Y.numpy(), draw, loss_counts)
@@ -111,6 +111,7 @@ def train_classifier(features, # (N, D) frozen backbone features
         idx = torch.as_tensor(np.fromiter(iter(draw), dtype=np.int64), device=dev)
         total = _classifier_epoch(clf, loss_fn, X, Y, idx, batch_size, opt, sched)
         history.append({'epoch': epoch + 1, 'train_loss': total / len(idx), 'lr': opt.param_groups[0]['lr']})
+    finish_target_checks()   # on CUDA the losses check targets without waiting
     history = pd.DataFrame(history)
     history.attrs.update(loss_counts=loss_counts, class_counts=counts.tolist(), n_images=int(n),
                          logit_scale=float(loss_fn.logit_scale))

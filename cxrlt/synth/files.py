@@ -6,7 +6,6 @@ __all__ = ['COUNTS_CSV', 'MANIFEST_JSON', 'SIGNS_CSV', 'SYNTH_PRESETS', 'write_p
 
 # %% ../../nbs/03d_synth_files.ipynb #90df3e01
 import os
-from concurrent.futures import ProcessPoolExecutor
 import multiprocessing as mp
 from pathlib import Path
 
@@ -196,8 +195,9 @@ def _render_all(jobs:list, out:Path, workers:int, progress:bool, write:bool=True
             for job in jobs: signs += _render_job(job, str(out), write); bar.update()
         return signs
     chunks = [jobs[i:i + 8] for i in range(0, len(jobs), 8)]
-    ctx = mp.get_context('fork' if 'fork' in mp.get_all_start_methods() else 'spawn')
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:  # started before the progress bar's thread exists
+    from cxrlt.cache import worker_pool
+    method = 'fork' if 'fork' in mp.get_all_start_methods() else 'spawn'
+    with worker_pool(workers, method) as pool:  # started before the progress bar's thread exists
         results = pool.map(_render_chunk, chunks, [str(out)] * len(chunks), [write] * len(chunks))
         with tqdm(total=len(jobs), desc=desc, unit='img', disable=not progress) as bar:
             for chunk in results:
@@ -213,11 +213,16 @@ def _package_versions() -> dict:
 
 # %% ../../nbs/03d_synth_files.ipynb #645e1db4
 def _check_folder(out:Path, params:dict):
-    "Refuse a folder that holds a synthetic dataset made with other `params`, or other files."
+    "Refuse a folder that holds a synthetic dataset made with other `params`, or other files, or a file."
     from cxrlt.core import load_json
     manifest = out/MANIFEST_JSON
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f'{out} is a file — expected a folder to write the synthetic dataset to')
     if manifest.exists():
-        old = load_json(manifest).get('params', {})
+        try: old = load_json(manifest).get('params', {})
+        except ValueError as e:
+            raise ValueError(f"{manifest}: not valid JSON ({' '.join(str(e).split())}) — expected the manifest "
+                             f'cxrlt synth writes; delete {out} and run it again') from None
         diff = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
         if diff: raise ValueError(f'{out} holds a synthetic dataset made with other parameters ({", ".join(diff)}); '
                                   'use another folder or delete it')
@@ -274,6 +279,20 @@ def _summary(tables:dict, sample:pd.DataFrame, n_dicom:int) -> dict:
                 removal_images=len(tables[REMOVAL_CSV]), patients=int(sample['PatientID'].nunique()),
                 classes_without_training_positives=[c for c in CLASSES if tables[TRAINING_CSV][c].sum() == 0])
 
+# %% ../../nbs/03d_synth_files.ipynb #6e5fbb1a
+def _is_int(v) -> bool: return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+def _check_synth_args(n, size, seed, test_fraction, n_dicom, workers) -> None:
+    "ValueError naming the first argument of `make_synthetic_cxrlt` that is out of range."
+    if not 0 < test_fraction < 1: raise ValueError(f'test_fraction must lie in (0, 1), got {test_fraction!r}')
+    if not _is_int(n) or n < 2: raise ValueError(f'n must be an integer >= 2, got {n!r}')
+    if not _is_int(size) or not 32 <= size <= 4096:
+        raise ValueError(f'size must be an integer from 32 to 4096 pixels, got {size!r}')
+    for name, v in (('seed', seed), ('n_dicom', n_dicom)):
+        if not _is_int(v) or v < 0: raise ValueError(f'{name} must be an integer >= 0, got {v!r}')
+    if workers is not None and (not _is_int(workers) or workers < 0):
+        raise ValueError(f'workers must be an integer >= 0 (0: every CPU), got {workers!r}')
+
 # %% ../../nbs/03d_synth_files.ipynb #f65084e6
 def make_synthetic_cxrlt(out, # folder to write (created; resumable)
                          n:int=300, # images in all, training + test
@@ -292,16 +311,13 @@ def make_synthetic_cxrlt(out, # folder to write (created; resumable)
     "Write a synthetic CXR-LT look-alike (challenge CSVs, 16-bit PNGs, a few DICOMs) into `out`; a summary."
     from cxrlt.core import save_json
     from cxrlt.data import IMAGES_DIR, REMOVAL_CSV, TEST_CSV, TEST_LABELS_CSV, TRAINING_CSV
-    if not 0 < test_fraction < 1: raise ValueError(f'test_fraction must lie in (0, 1), got {test_fraction!r}')
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 2:
-        raise ValueError(f'n must be an integer >= 2, got {n!r}')
+    _check_synth_args(n, size, seed, test_fraction, n_dicom, workers)
     n_test = int(round(n * test_fraction))
     params = dict(generator='cxrlt.synth', n=int(n), size=int(size), seed=int(seed), test_fraction=float(test_fraction),
                   min_positives=min_positives, min_test_positives=min_test_positives, min_removal=min_removal,
                   n_dicom=n_dicom, max_images_per_patient=max_images_per_patient, packages=_package_versions())
     out = Path(out)
     _check_folder(out, params)
-    if size < 32: raise ValueError(f'size must be >= 32 pixels, got {size}')
     padchest = padchest if isinstance(padchest, pd.DataFrame) else read_padchest(padchest)
     sample = sample_padchest(padchest, n_train=n - n_test, n_test=n_test, min_positives=min_positives,
                              min_test_positives=min_test_positives, min_removal=min_removal,
@@ -330,6 +346,7 @@ def synth_cli(preset:str='tiny', # 'tiny' (300 images, seconds) or 'demo' (4,000
               n:int=None, # images in all, training + test (default: the preset's)
               size:int=None, # image height in pixels (default: the preset's)
               seed:int=0, # seed: the same seed gives byte-identical files
+              workers:int=0, # processes drawing images; 0 = every CPU this process may use
              ):
     "Write a synthetic CXR-LT 2026 look-alike: challenge CSVs, 16-bit PNGs, a few DICOMs; real PadChest labels."
     from cxrlt.data import REMOVAL_CSV
@@ -338,7 +355,7 @@ def synth_cli(preset:str='tiny', # 'tiny' (300 images, seconds) or 'demo' (4,000
     kw = dict(SYNTH_PRESETS[preset])
     if n is not None: kw['n'] = n
     if size is not None: kw['size'] = size
-    summary = make_synthetic_cxrlt(out, seed=seed, **kw)
+    summary = make_synthetic_cxrlt(out, seed=seed, workers=workers or None, **kw)
     print(f"{summary['training_images']:,} training and {summary['test_images']:,} test images "
           f"({summary['dicom_images']} DICOM, {summary['removal_images']} in {REMOVAL_CSV}, "
           f"{summary['patients']:,} patients) in {out}")
