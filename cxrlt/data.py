@@ -33,14 +33,18 @@ IMAGES_DIR = 'images'  # the images, in PadChest's numbered sub-folders
 # %% ../nbs/02_data.ipynb #f623e5a7
 def _one_line(e) -> str: return ' '.join(str(e).split())
 
-def _not_utf8(path, e:UnicodeDecodeError) -> str:
-    "The first byte of the file at `path` that is not UTF-8, and its line (`e`'s byte when the file is compressed)."
+_FILE_STARTS = ((b'PK\x03\x04', 'a zip archive (an .xlsx workbook is one)'), (b'\xff\xfe', 'UTF-16 text'),
+                (b'\xfe\xff', 'UTF-16 text'), (b'\x89PNG', 'a PNG image'), (b'PAR1', 'a Parquet table'),
+                (b'\xd0\xcf\x11\xe0', 'an Office document (an .xls workbook?)'))
+
+def _not_utf8(path, error:UnicodeDecodeError) -> str:
+    "The first byte of the file that is not UTF-8 and its line, and what the file is when its first bytes tell."
     data = Path(path).read_bytes()
-    try: data.decode('utf-8')
-    except UnicodeDecodeError as first:
-        line = data.count(b'\n', 0, first.start) + 1
-        return f'byte 0x{data[first.start]:02x} on line {line} is not UTF-8 text'
-    return f'byte 0x{e.object[e.start]:02x} is not UTF-8 text'
+    try: data.decode('utf-8'); start = error.start
+    except UnicodeDecodeError as e: start = e.start   # the offset in the file, not in a chunk a reader decoded
+    start, line = min(start, len(data) - 1), data.count(b'\n', 0, start) + 1
+    kind = next((k for sig, k in _FILE_STARTS if data.startswith(sig)), None)
+    return f'byte 0x{data[start]:02x} on line {line} is not UTF-8 text' + (f' (the file is {kind})' if kind else '')
 
 def _no_image_error(path, what:str, empty:bool=False) -> ValueError:
     "The error for a CSV that lists no image: an `empty` file, or a header only."
@@ -50,15 +54,17 @@ def _no_image_error(path, what:str, empty:bool=False) -> ValueError:
 
 # %% ../nbs/02_data.ipynb #4b4269d3
 @contextlib.contextmanager
-def _csv_errors(path, what:str):
-    "Decoding and parsing errors while reading the `what` at `path`, as one-line `ChallengeFileError`s naming it."
+def _csv_errors(path, what:str, error=ChallengeFileError):
+    "Decoding and parsing errors while reading the `what` at `path`, as one-line `error`s naming it (every reader's)."
     try: yield
     except UnicodeDecodeError as e:
-        raise ChallengeFileError(f'{path}: {_not_utf8(path, e)} — expected the {what} as a UTF-8 CSV file') from None
-    except pd.errors.EmptyDataError: raise _no_image_error(path, what, empty=True) from None
-    except pd.errors.ParserError as e:
-        raise ChallengeFileError(f'{path}: not a readable CSV file: {_one_line(e)} '
-                                 f'— expected the {what} as comma-separated lines') from None
+        raise error(f'{path}: {_not_utf8(path, e)} — expected the {what} as a UTF-8 CSV file') from None
+    except pd.errors.EmptyDataError:
+        raise error(f'{path}: the file is empty — expected a header line and one line per image') from None
+    except (pd.errors.ParserError, csv.Error) as e:
+        detail = _one_line(e).removeprefix('Error tokenizing data. ').removeprefix('C error: ')
+        raise error(f'{path}: not a readable CSV file: {detail} — expected the {what} as comma-separated lines, '
+                    'each with as many fields as the header') from None
 
 def _existing_csv(path, what:str) -> Path:
     "`path` as a Path, after checking that it is a file and (in its first 64 KiB) not binary."

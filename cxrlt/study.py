@@ -385,10 +385,13 @@ def row_dir(table_dir, row:int) -> Path: return Path(table_dir)/'rows'/f'row{row
 
 # %% ../nbs/11_study.ipynb #1ea2ac8f
 def row_parameters(row:int, preset:Preset, data:dict, table_dir, overrides:dict=None, base_hashes:dict=None) -> dict:
-    "Everything that determines a row's result, and its content hash."
+    "Everything that determines a row's result (the challenge files by content too), and its content hash."
+    from cxrlt.checks import file_fingerprint
     r = ROWS[row]
+    files = {k: file_fingerprint(data[k]) for k in ('train_csv', 'removal_csv', 'test_csv', 'test_labels_csv')
+             if data.get(k)}
     p = {'row': int(row), 'preset': dataclasses.asdict(preset), 'model': r.model, 'loss': r.loss,
-         'post_training': r.post_training, 'base_rows': list(r.base_rows), 'data': data,
+         'post_training': r.post_training, 'base_rows': list(r.base_rows), 'data': data, 'files_sha256': files,
          'overrides': (overrides or {}).get(row, {}),
          'base_hashes': {str(b): (base_hashes or {}).get(b) for b in r.base_rows}}
     if r.trains: p['config'] = training_config(row, preset, data, table_dir, p['overrides'])

@@ -194,7 +194,8 @@ def test_site_with_a_missing_table(capfd, tmp_path):
 
 def test_table_reruns_a_failed_row_with_corrected_data(tmp_path, capfd):
     """Row 2 fails while it trains (its loss overflows); rerun with the data folder corrected (another folder) and
-    without the bad override, it trains afresh: no manual delete, the failed run kept aside, a cache per source."""
+    without the bad override, it trains afresh: no manual delete, the failed run kept aside, a cache per source.
+    Then its training CSV changes in place: the row is not reused, it trains again."""
     assert main(['synth', '--preset', 'tiny', '--out', str(tmp_path/'a')]) == 0
     shutil.copytree(tmp_path/'a', tmp_path/'b')
     table = tmp_path/'table'
@@ -210,3 +211,13 @@ def test_table_reruns_a_failed_row_with_corrected_data(tmp_path, capfd):
     assert json.loads((replaced/'manifest.json').read_text())['status'] == 'failed'
     caches = sorted(p.name for p in (table/'data').glob('cache-train-*'))
     assert len(caches) == 2   # one per images folder: the corrected data never met the first cache
+
+    # the training CSV edited in place (labels flipped): the finished row is not skipped, it trains on the new labels
+    csv = tmp_path/'b'/'CXRLT_2026_training.csv'
+    df = pd.read_csv(csv)
+    df[CLASSES[2]] = 1 - df[CLASSES[2]]
+    df.to_csv(csv, index=False)
+    capfd.readouterr()
+    assert main(['table', '--preset', 'smoke', '--rows', '2', '--data', str(tmp_path/'b'), '--out', str(table)]) == 0
+    assert 'done: rows 2' in capfd.readouterr().out
+    assert len(list((table/'replaced').iterdir())) == 2   # the run on the old labels, set aside

@@ -14,7 +14,7 @@ from scipy.special import expit
 from torch import nn
 
 from ..core import save_csv, save_json
-from ..data import _lines, read_training_csv
+from ..data import _csv_errors, _lines, read_training_csv
 from ..labels import CLASSES
 from ..run import Run
 
@@ -25,39 +25,13 @@ SPLIT_NAMES = ('train', 'val', 'dev', 'test')
 class PredictionFileError(ValueError):
     "A prediction file that does not follow cxrlt's format; the message names the file, column and line."
 
-# %% ../../nbs/08a_predictions.ipynb #64720591
-_FILE_STARTS = ((b'PK\x03\x04', 'a zip archive (an .xlsx workbook is one)'), (b'\xff\xfe', 'UTF-16 text'),
-                (b'\xfe\xff', 'UTF-16 text'), (b'\x89PNG', 'a PNG image'), (b'PAR1', 'a Parquet table'),
-                (b'\xd0\xcf\x11\xe0', 'an Office document (an .xls workbook?)'))
-
-def _not_utf8(path:Path, error:UnicodeDecodeError) -> str:
-    "The first byte of the file that is not UTF-8 and its line, and what the file is when its first bytes tell."
-    data = path.read_bytes()
-    try: data.decode('utf-8'); start = error.start
-    except UnicodeDecodeError as e: start = e.start   # the offset in the file, not in a chunk a reader decoded
-    start, line = min(start, len(data) - 1), data.count(b'\n', 0, start) + 1
-    kind = next((k for sig, k in _FILE_STARTS if data.startswith(sig)), None)
-    return f'byte 0x{data[start]:02x} on line {line} is not UTF-8 text' + (f' (the file is {kind})' if kind else '')
-
-# %% ../../nbs/08a_predictions.ipynb #f1d84ab7
-_READ_ERRORS = (UnicodeDecodeError, csv.Error, pd.errors.ParserError)
-
-def _unreadable_csv(path:Path, error:Exception, what:str='prediction file') -> str:
-    "One line saying where a CSV stops being UTF-8 text or readable CSV, and what was expected."
-    if isinstance(error, UnicodeDecodeError):
-        return f'{path}: {_not_utf8(path, error)} — expected the {what} as a UTF-8 CSV file'
-    detail = ' '.join(str(error).split()).removeprefix('Error tokenizing data. ').removeprefix('C error: ')
-    return (f'{path}: not a readable CSV file: {detail} — expected the {what} as comma-separated lines, each with '
-            'as many fields as the header')
-
 # %% ../../nbs/08a_predictions.ipynb #bffb5c7d
 def _read_header(path:Path) -> list:
     "The header of a prediction file, checked: the file exists and has a header, no column twice, an ImageID column."
     if path.is_dir(): raise PredictionFileError(f'prediction file {path} is a folder — expected a CSV file')
     if not path.is_file(): raise FileNotFoundError(f'prediction file {path} does not exist')
-    try:
-        with open(path, newline='', encoding='utf-8-sig') as f: header = next(csv.reader(f), [])
-    except _READ_ERRORS as e: raise PredictionFileError(_unreadable_csv(path, e)) from None
+    with _csv_errors(path, 'prediction file', PredictionFileError), open(path, newline='', encoding='utf-8-sig') as f:
+        header = next(csv.reader(f), [])
     if not header: raise PredictionFileError(f'{path}: the file is empty; expected a header and one line per image')
     dup = sorted({c for c in header if header.count(c) > 1})
     if dup: raise PredictionFileError(f'{path}: columns appear more than once: {dup}')
@@ -93,8 +67,8 @@ def _read_cells(path:Path, header:list) -> tuple:
         p = cells[CLASSES].to_numpy()
         if np.isfinite(cells[numeric].to_numpy()).all() and ((p >= 0) & (p <= 1)).all(): return cells, True
     except ValueError: pass
-    try: return pd.read_csv(path, dtype=str, **_CSV_OPTIONS), False
-    except _READ_ERRORS as e: raise PredictionFileError(_unreadable_csv(path, e)) from None
+    with _csv_errors(path, 'prediction file', PredictionFileError):
+        return pd.read_csv(path, dtype=str, **_CSV_OPTIONS), False
 
 # %% ../../nbs/08a_predictions.ipynb #484bbc33
 def _check_rows(path:Path, cells:pd.DataFrame, has_split:bool) -> tuple:

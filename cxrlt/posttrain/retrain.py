@@ -27,7 +27,7 @@ from ..run import Run
 def _classifier_inputs(features, labels, head:str, sampler:str) -> tuple:
     "Features and labels as float32 tensors, checked, and the class of the sampler named `sampler`."
     from cxrlt.samplers import ClassAwareSampler, InstanceBalancedSampler, SquareRootSampler
-    X = torch.as_tensor(np.asarray(features, dtype=np.float32))
+    X = torch.as_tensor(np.array(features, dtype=np.float32))   # a copy: pandas' arrays are read-only
     Y = torch.as_tensor(np.asarray(labels, dtype=np.float32))
     if X.ndim != 2 or Y.ndim != 2 or len(X) != len(Y):
         raise ValueError(f'features (N, D) and labels (N, C) must have the same rows, '
@@ -356,7 +356,7 @@ def _eval_predictions(run_dir:Path, log_odds_of) -> tuple:
 def _classifier_predictions(run_dir:Path, clf:nn.Module, scale:float) -> tuple:
     "Log-odds `scale` · clf(features) on every cached evaluation split as one prediction table, and their labels."
     def log_odds_of(X):
-        with torch.no_grad(): return scale * clf(torch.from_numpy(X)).double().numpy()
+        with torch.no_grad(): return scale * clf(torch.tensor(X)).double().numpy()
     return _eval_predictions(run_dir, log_odds_of)
 
 # %% ../../nbs/08e_crt.ipynb #ea7e267d
