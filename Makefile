@@ -50,7 +50,7 @@ test: install
 clean-venv:
 	rm -rf $(VENV)
 
-# The main job on the embedded default: synthetic data, all 17 rows (CPU proxies), Grad-CAM explorer, site.
+# The main job on the embedded default: synthetic data, all 20 rows (the paper's 17 and 3 of its future work; CPU proxies), Grad-CAM explorer, site.
 demo: install
 	$(BIN)/cxrlt table --preset demo --out $(TABLE)
 	$(BIN)/cxrlt cam --run $(TABLE)/runs --out $(TABLE)/explorer

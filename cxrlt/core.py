@@ -13,7 +13,6 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import torch
 from fastcore.basics import patch
 
 # %% ../nbs/00_core.ipynb #7d62b4e9
@@ -63,6 +62,7 @@ def seed_everything(seed:int, # seed for python, numpy and torch, in [0, 2**32)
                     deterministic:bool=False, # also switch torch to deterministic algorithms
                    ) -> int:
     "Seed python, numpy and torch on every device; deterministic kernels when `deterministic`."
+    import torch
     seed = _check_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
@@ -81,18 +81,20 @@ def _check_device_exists(device, # the device as the caller spelt it, named in t
                          has_mps:bool, # whether MPS is available
                         ):
     "Raise when the requested CUDA device, or MPS, is not on this machine."
+    import torch
     if kind == 'cuda':
         if not torch.cuda.is_available():
-            raise RuntimeError(f'device {device!r} requested but CUDA is not available on this machine')
+            raise ValueError(f'device {device!r} requested but CUDA is not available on this machine')
         if index and int(index) >= torch.cuda.device_count():
-            raise RuntimeError(f'device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist')
+            raise ValueError(f'device {device!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist')
     if kind == 'mps' and not has_mps:
-        raise RuntimeError(f'device {device!r} requested but MPS is not available on this machine')
+        raise ValueError(f'device {device!r} requested but MPS is not available on this machine')
 
 # %% ../nbs/00_core.ipynb #cc974a75
 def choose_device(device:str='auto', # 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
-                 ) -> torch.device:
+                 ): # -> torch.device (torch is imported where it is used)
     "The torch device to use: cuda > mps > cpu for 'auto', else the requested one after checking it exists."
+    import torch
     mps = getattr(torch.backends, 'mps', None)
     has_mps = bool(mps and mps.is_available())
     if device == 'auto':
@@ -175,11 +177,13 @@ def save_csv(df, path, index:bool=False, **kw) -> Path:
 # %% ../nbs/00_core.ipynb #fb997bc6
 def save_checkpoint(state:dict, path) -> Path:
     "Write a torch checkpoint atomically."
+    import torch
     with atomic_write(path, 'wb') as f: torch.save(state, f)
     return Path(path)
 
 def load_checkpoint(path, map_location='cpu') -> dict:
     "Load a checkpoint with `weights_only=True` (tensors and plain containers only, no pickled code)."
+    import torch
     path = Path(path)
     if not path.exists(): raise FileNotFoundError(f'checkpoint {path} does not exist')
     try: return torch.load(path, map_location=map_location, weights_only=True)
@@ -216,6 +220,7 @@ def git_state(path=None) -> dict:
 # %% ../nbs/00_core.ipynb #70e6be63
 def host_info() -> dict:
     "Host name, platform, CPU count and GPU names."
+    import torch
     n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpus = [torch.cuda.get_device_name(i) for i in range(n_gpus)]
     return {'hostname': socket.gethostname(), 'platform': platform.platform(), 'python': platform.python_version(),
@@ -245,10 +250,10 @@ def param_changes(old:dict, # the parameters a run was started with (its manifes
     return (f'parameters differ for {diff} (stored: ' + ', '.join(f'{k}={old.get(k)!r}' for k in diff) + '; now: '
             + ', '.join(f'{k}={new.get(k)!r}' for k in diff) + ')')
 
-def _resumed_manifest(run_dir:Path, params:dict, may_change=()) -> dict:
-    "The manifest of `run_dir` re-entered with `params`, which must equal the stored ones except for `may_change`."
+def _resumed_manifest(run_dir:Path, params:dict, may_change=(), defaults=None) -> dict:
+    "The manifest of `run_dir` re-entered with `params`, equal to the stored ones (keys added since: `defaults`)."
     manifest = load_json(run_dir/'manifest.json')
-    changes = param_changes(manifest['params'], params, may_change)
+    changes = param_changes({**(defaults or {}), **manifest['params']}, params, may_change)
     if changes: raise ValueError(f'cannot resume {run_dir}: {changes} — rerun with the stored values '
                                  'or choose another run name')
     manifest.setdefault('resumed_at', []).append(_utcnow())
@@ -261,6 +266,7 @@ def start_run(root, # folder holding run directories
               params=None, # parameters (dict or dataclass) recorded in the manifest
               resume:bool=False, # re-enter an existing run with the same parameters
               may_change=(), # parameters a resumed run may change (those that do not change results, e.g. progress)
+              defaults=None, # values of parameters a run stored before they existed (a newer version's new keys)
              ) -> Path:
     "Create (or, with `resume`, re-enter) a run directory and write its `manifest.json`."
     name = name or datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%d-%H%M%S')
@@ -269,7 +275,7 @@ def start_run(root, # folder holding run directories
         if not resume:
             raise FileExistsError(f'run directory {run_dir} already holds a run; '
                                   'pass resume=True to continue it or choose another name')
-        manifest = _resumed_manifest(run_dir, params, may_change)
+        manifest = _resumed_manifest(run_dir, params, may_change, defaults)
     else: manifest = _new_manifest(name, params)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(manifest, run_dir/'manifest.json')

@@ -5,7 +5,7 @@ __all__ = ['SAMPLERS', 'TRAIN_RANGES', 'RESUME_MAY_CHANGE', 'cosine_warmup_facto
            'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'stored_run_problems', 'fit', 'train_cli']
 
 # %% ../nbs/07_train.ipynb #f211d209
-import contextlib, dataclasses, functools, math, os, time
+import contextlib, dataclasses, functools, math, os, sys, time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -71,15 +71,44 @@ def _backward(model, loss_fn, x, y, *, step_now:bool, autocast, scaler, loss_sca
     return loss
 
 # %% ../nbs/07_train.ipynb #e6630829
-def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema):
-    "Unscale, clip, step (through the float16 scaler), zero the gradients, advance the schedule and the EMA."
-    if scaler: scaler.unscale_(optimizer)
-    if grad_clip: nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if scaler: scaler.step(optimizer); scaler.update()
-    else: optimizer.step()
+def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema, second_pass=None):
+    "Unscale, clip, step (float16: through the scaler; SAM: at w + ε̂ by `second_pass`), zero grads, schedule, EMA."
+    clip = lambda: nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip else None
+    if second_pass is not None: optimizer.step(lambda: (second_pass(), clip())[0])   # SAM clips the gradient it steps
+    else:
+        if scaler: scaler.unscale_(optimizer)
+        clip()
+        if scaler: scaler.step(optimizer); scaler.update()
+        else: optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     if ema is not None: ema.update(unwrap(model))
+
+# %% ../nbs/07_train.ipynb #9667a2db
+@contextlib.contextmanager
+def _running_stats_kept(model:nn.Module):
+    "Batch norm's running statistics and batch counts put back, after the block, as they were before it."
+    norms = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms]
+    try: yield
+    finally:
+        with torch.no_grad():
+            for m, kept in zip(norms, saved):
+                for b, k in zip(m.buffers(recurse=False), kept): b.copy_(k)
+
+# %% ../nbs/07_train.ipynb #f705b260
+def _is_sam(optimizer) -> bool:
+    "Whether `optimizer` is pytorch-optimizer's `SAM` (imported only by runs that use it): its step needs a closure."
+    po = sys.modules.get('pytorch_optimizer')
+    return po is not None and isinstance(optimizer, po.SAM)
+
+def _sam_second_pass(model, loss_fn, x, y, *, autocast, loss_scale:float, desc:str, batch:int):
+    "SAM's closure: the same augmented batch's loss and gradient at w + ε̂, batch norm's running statistics kept."
+    def closure():
+        with _running_stats_kept(model):
+            return _backward(model, loss_fn, x, y, step_now=True, autocast=autocast, scaler=None,
+                             loss_scale=loss_scale, accum_steps=1, desc=f'{desc} (SAM pass at w + ε)', batch=batch)
+    return closure
 
 # %% ../nbs/07_train.ipynb #8aa66ccb
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
@@ -96,6 +125,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
                     batch_transform=None, # applied to each batch on the device, e.g. `cxrlt.datasets.DeviceAugment`
                     desc:str='train', progress:bool=True) -> dict:
     "Train for one pass over `loader`; returns the mean loss, the last learning rate and images/s."
+    sam = _is_sam(optimizer)   # SAM: each step adds a forward/backward of the same batch at w + ε̂
+    if sam and (scaler is not None or accum_steps > 1):
+        raise ValueError('SAM steps need accum_steps=1 and no float16 GradScaler (see `_sam_refusal`)')
     model.train()
     n = len(loader) if max_batches is None else min(len(loader), max_batches)
     total, seen, t0, per_image = 0.0, 0, time.perf_counter(), _sum_reduced(loss_fn)
@@ -110,7 +142,9 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
         group = min(accum_steps, n - i // accum_steps * accum_steps)   # micro-batches in this step's group
         loss = _backward(model, loss_fn, x, y, step_now=step_now, autocast=autocast, scaler=scaler,
                          loss_scale=loss_scale, accum_steps=group, desc=desc, batch=i)
-        if step_now: _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema)
+        again = _sam_second_pass(model, loss_fn, x, y, autocast=autocast, loss_scale=loss_scale, desc=desc,
+                                 batch=i) if sam else None
+        if step_now: _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema, second_pass=again)
         total += loss.item() * (1 if per_image else len(x)); seen += len(x)
         rate = seen * world_size / (time.perf_counter() - t0)
         bar.set_postfix(loss=f'{total / seen:.4f}', lr=f'{optimizer.param_groups[0]["lr"]:.2e}', img_s=f'{rate:.1f}')
@@ -147,6 +181,7 @@ TRAIN_RANGES = {'val_fraction': '[0, 1)', 'dev_fraction': '[0, 1)', 'drop_rate':
                 'drw_beta': '[0, 1)', 'drw_lr_factor': '(0, inf)', 'lr': '(0, inf)', 'weight_decay': '[0, inf)',
                 'momentum': '[0, 1)', 'epochs': '[1, inf)', 'warmup_epochs': '[0, inf)', 'min_lr_ratio': '[0, 1]',
                 'batch_size': '[1, inf)', 'accum_steps': '[1, inf)', 'grad_clip': '(0, inf)', 'ema_decay': '(0, 1)',
+                'sam_rho': '(0, inf)',
                 'patience': '[1, inf)', 'num_workers': '[0, inf)', 'max_batches_per_epoch': '[1, inf)'}
 
 @dataclasses.dataclass
@@ -189,6 +224,8 @@ class TrainConfig(Config):
     batch_size: int = 16  # images per optimizer micro-step over all processes
     accum_steps: int = 1  # micro-batches per optimizer step
     grad_clip: Optional[float] = None  # max gradient norm
+    sam_rho: Optional[float] = None  # sharpness-aware minimisation: radius ρ of the perturbation (e.g. 0.05; None: off)
+    sam_adaptive: bool = False  # ASAM: the perturbation scaled by |w| (needs sam_rho, about 10× SAM's, e.g. 0.5)
     amp: Literal['auto', 'bf16', 'fp16', 'off'] = 'auto'
     channels_last: Optional[bool] = None  # NHWC weights and batches (None: on CUDA)
     compile: Optional[bool] = None  # torch.compile the model, eager with a message if that fails (None: on CUDA)
@@ -220,17 +257,36 @@ class TrainConfig(Config):
         if name is not None and (name in ('', '.', '..') or Path(name).name != name or '\\' in name):
             raise ValueError(f'run_name {self.run_name!r} is not a folder name — the run is written to '
                              f'out_dir/<run_name>, so no "/", "\\" or ".."')
+        if (why := _sam_refusal(self, self.amp)): raise ValueError(why)
         if self.deterministic and self.cudnn_benchmark:
             raise ValueError('deterministic=True and cudnn_benchmark=True exclude each other: cuDNN autotuning '
                              'chooses kernels by timing them')
 
     def resolved_run_name(self) -> str:
-        "`run_name`, or backbone-loss-<8 hex digits of the config's content hash>."
+        "`run_name`, or backbone-loss-<8 hex digits of a hash of the keys that differ from the defaults>."
         if self.run_name: return self.run_name
         import hashlib, json
-        d = {k: v for k, v in self.to_dict().items() if k not in ('progress', 'run_name', 'out_dir')}
+        default = TrainConfig().to_dict()   # keys a later version adds, at their defaults, leave the name as it was
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in ('progress', 'run_name', 'out_dir') and v != default[k]}
         h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         return f'{self.backbone}-{self.loss}-{h}'
+
+# %% ../nbs/07_train.ipynb #31a8829b
+def _sam_refusal(cfg:TrainConfig, amp:str) -> Optional[str]:
+    "Why `cfg`'s SAM keys cannot train with autocast `amp` (as given, or as 'auto' resolved); None when they can."
+    if cfg.sam_rho is None and cfg.sam_adaptive:
+        return 'sam_adaptive=True needs sam_rho (ASAM is SAM with a scaled perturbation), e.g. sam_rho=0.5'
+    if cfg.sam_rho is None: return None
+    if cfg.accum_steps > 1:
+        return (f'sam_rho with accum_steps={cfg.accum_steps} is not supported: SAM perturbs the weights along the '
+                "gradient of the whole step, known only after its last micro-batch — use accum_steps=1 with a larger "
+                'batch_size or more processes')
+    if amp == 'fp16':
+        how = '' if cfg.amp == 'fp16' else " (what amp='auto' gives on a GPU without bfloat16)"
+        return (f'sam_rho with amp=fp16{how} is not supported: its GradScaler unscales and checks one gradient per '
+                "step, while SAM's first gradient already moves the weights — use amp=bf16 or amp=off")
+    return None
 
 # %% ../nbs/07_train.ipynb #0e6cb52f
 def training_data(cfg:TrainConfig) -> dict:
@@ -439,7 +495,7 @@ def stored_run_problems(run_dir:Path, cfg:TrainConfig) -> list:
     "Why the run stored in `run_dir` cannot be resumed or reused with `cfg`: other parameters or changed input files."
     if not (run_dir/'manifest.json').exists(): return []
     stored = load_json(run_dir/'manifest.json')
-    changes = param_changes(stored['params'], cfg.to_dict(), RESUME_MAY_CHANGE)
+    changes = param_changes({**TrainConfig().to_dict(), **stored['params']}, cfg.to_dict(), RESUME_MAY_CHANGE)
     files = changed_inputs(stored.get('inputs', {}), input_fingerprints(cfg))
     return ([f'config: {changes}'] if changes else []) + files
 
@@ -455,7 +511,8 @@ def _open_run(cfg:TrainConfig, rank:int, settings:dict) -> tuple:
             logger.info(f'{run_dir} is already complete; returning its metrics')
         else: problems = check_inputs(cfg)
         if not problems and finished is None:
-            start_run(cfg.out_dir, run_dir.name, cfg, resume=True, may_change=RESUME_MAY_CHANGE)
+            start_run(cfg.out_dir, run_dir.name, cfg, resume=True, may_change=RESUME_MAY_CHANGE,
+                      defaults=TrainConfig().to_dict())   # keys added since a run was stored take their defaults
             save_json({**load_json(run_dir/'manifest.json'), 'device_settings': settings}, run_dir/'manifest.json')
     problems, finished = broadcast_from_rank0((problems, finished))
     raise_on_problems(problems, f'run {run_dir.name}')   # every rank stops together
@@ -484,13 +541,24 @@ def _build_model(cfg:TrainConfig, size:int, device) -> nn.Module:
     model = model.to(device)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
 
+# %% ../nbs/07_train.ipynb #94a621c0
+def _optimizer(cfg:TrainConfig, model:nn.Module) -> torch.optim.Optimizer:
+    "timm's `cfg.optimizer` for `model` (no decay on biases and norms), fused when asked; inside SAM with `sam_rho`."
+    import timm.optim
+    fused = {'fused': True} if cfg.fused_optimizer else {}
+    make = lambda params: timm.optim.create_optimizer_v2(params, opt=cfg.optimizer, lr=cfg.lr, momentum=cfg.momentum,
+                                                         weight_decay=cfg.weight_decay, **fused)
+    base = make(model)
+    if cfg.sam_rho is None: return base
+    from pytorch_optimizer import SAM
+    # SAM builds its base on its own copy of timm's groups (each keeps its weight decay), through the same factory
+    return SAM([dict(g) for g in base.param_groups], make, rho=cfg.sam_rho, adaptive=cfg.sam_adaptive)
+
 # %% ../nbs/07_train.ipynb #39bd9ce3
 def _optimisation(cfg:TrainConfig, model:nn.Module, n_batches:int, device) -> dict:
-    "Optimizer (fused when asked), warm-up + cosine schedule (× `drw_lr_factor` after DRW), autocast, fp16 scaler, EMA."
-    import timm.optim, timm.utils
-    fused = {'fused': True} if cfg.fused_optimizer else {}
-    optimizer = timm.optim.create_optimizer_v2(model, opt=cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                               momentum=cfg.momentum, **fused)
+    "Optimizer (`_optimizer`), warm-up + cosine schedule (× `drw_lr_factor` after DRW), autocast, fp16 scaler, EMA."
+    import timm.utils
+    optimizer = _optimizer(cfg, model)
     steps_per_epoch = math.ceil(n_batches / cfg.accum_steps)
     total, warm = steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch)
     drw_step = None if cfg.drw_start_epoch is None else cfg.drw_start_epoch * steps_per_epoch
@@ -607,6 +675,7 @@ def fit(cfg:TrainConfig) -> dict:
         raise ValueError(f'batch_size {cfg.batch_size} must be divisible by the {world} processes')
     seed_everything(cfg.seed, cfg.deterministic)
     settings = device_settings(cfg, device, world)
+    if (why := _sam_refusal(cfg, settings['amp'])): raise ValueError(why)
     run_dir, finished = _open_run(cfg, rank, settings)
     if finished is not None: return {**finished, 'run_dir': str(run_dir)}
     torch.backends.cudnn.benchmark = settings['cudnn_benchmark']

@@ -194,22 +194,22 @@ def test_recipe_add_a_row(smoke_table, tmp_path, monkeypatch):
     import shutil
     from cxrlt import study
     monkeypatch.setattr(study, 'ROWS', dict(study.ROWS))
-    study.register_row(18, 'ResNet-50', 'ldam_drw', post_training='cRT+TTA', base_rows=[3])
-    study.register_row(19, 'ResNet-50', 'asl', backbone='resnet50')
-    assert study.row_plan([18]) == [3, 18]
-    c = study.training_config(19, study.PRESETS['smoke'], {k: None for k in (
+    study.register_row(21, 'ResNet-50', 'ldam_drw', post_training='cRT+TTA', base_rows=[3])
+    study.register_row(22, 'ResNet-50', 'asl', backbone='resnet50')
+    assert study.row_plan([21]) == [3, 21]
+    c = study.training_config(22, study.PRESETS['smoke'], {k: None for k in (
         'train_csv', 'train_cache', 'removal_csv', 'test_csv', 'test_cache', 'test_labels_csv')}, tmp_path)
     assert (c['backbone'], c['loss'], c['head'], c['drw_start_epoch']) == ('resnet10t', 'asl', 'linear', None)
     table, _ = smoke_table
     try:
-        s = study.run_table('smoke', [18], out=table, progress=False)
-        assert s['failed'] == [] and s['rows']['3']['status'] == 'skipped' and s['rows']['18']['status'] == 'done'
-        r18 = json.loads((table/'rows'/'row18'/'result.json').read_text())
+        s = study.run_table('smoke', [21], out=table, progress=False)
+        assert s['failed'] == [] and s['rows']['3']['status'] == 'skipped' and s['rows']['21']['status'] == 'done'
+        r21 = json.loads((table/'rows'/'row21'/'result.json').read_text())
         r3 = json.loads((table/'rows'/'row03'/'result.json').read_text())
-        assert r18['run_dirs'] == r3['run_dirs'] and r18['post_training'] == 'cRT+TTA'
-        assert 18 in set(pd.read_csv(table/'results.csv').row)
+        assert r21['run_dirs'] == r3['run_dirs'] and r21['post_training'] == 'cRT+TTA'
+        assert 21 in set(pd.read_csv(table/'results.csv').row)
     finally:  # leave the shared table as the other tests expect it
-        shutil.rmtree(table/'rows'/'row18', ignore_errors=True)
+        shutil.rmtree(table/'rows'/'row21', ignore_errors=True)
         study.collect_results(table)
 
 
@@ -227,13 +227,16 @@ def test_dry_run_plans_the_paper_table_without_training(tmp_path):
     (tmp_path/'throughput.json').write_text(json.dumps(report))
     r = cxrlt('table', '--preset', 'paper', '--data', d, '--dry-run', '--throughput', tmp_path/'throughput.json')
     assert r.returncode == 0, r.stdout + r.stderr
-    assert 'paper preset: 17 rows, 9 trainings, 72 images per epoch' in r.stdout, r.stdout
+    assert 'paper preset: 20 rows, 10 trainings, 72 images per epoch' in r.stdout, r.stdout
     from cxrlt.study import table_plan
     plan = table_plan('paper', data=d, throughput=tmp_path/'throughput.json')
     n_train, n_val, n_eval = round(90 * 0.8), round(90 * 0.1), round(90 * 0.1) * 2 + 24   # 96 images less 6 removed
     hours = (20 * (n_train / 100 + n_val / 300) + n_eval / 300) / 3600
-    trained = plan[plan.trains & plan.img_per_s.notna()]
+    trained = plan[plan.trains & plan.img_per_s.notna() & (plan.index != 20)]
     assert len(trained) and all(abs(h - hours) < 1e-12 for h in trained.gpu_hours)
+    sam = (20 * (2 * n_train / 100 + n_val / 300) + n_eval / 300) / 3600   # row 20: two passes per SAM step
+    assert abs(plan.gpu_hours[20] - sam) < 1e-12
+    assert (plan.gpu_hours[[18, 19]] == 0).all()   # thresholds and temperatures refit a predictions file
     assert plan[plan.backbone == names[0]].gpu_hours.isna().all()   # no throughput for it: unknown, not zero
     assert 'have no throughput' in r.stdout
 
