@@ -3,7 +3,8 @@
 # %% auto #0
 __all__ = ['REDUCTIONS', 'LOSSES', 'DRW_MODES', 'class_counts', 'class_balanced_weights', 'reduce_loss', 'finish_target_checks',
            'MultiLabelLoss', 'BCELoss', 'bce', 'FocalLoss', 'AsymmetricLoss', 'ldam_margins', 'LDAMLoss', 'LDAMDRWLoss',
-           'LogitAdjustedBCE', 'NegativeTolerantBCE', 'DRW', 'loss_class', 'make_loss', 'without_drw']
+           'LogitAdjustedBCE', 'NegativeTolerantBCE', 'DRW', 'LDAMAsCodedLoss', 'LDAMDRWAsCodedLoss', 'loss_class',
+           'make_loss', 'without_drw']
 
 # %% ../nbs/04_losses.ipynb #cf4c3774
 import inspect, math
@@ -535,6 +536,27 @@ def preferred_head(self:DRW) -> str: return self.loss.preferred_head
 def extra_repr(self:DRW):
     return (f'mode={self.mode!r}, start_epoch={self.start_epoch}, beta={self.beta}, epoch={self.epoch}, '
             f'active={self.active}')
+
+# %% ../nbs/04_losses.ipynb #5152d3f6
+class LDAMAsCodedLoss(LDAMLoss, name='ldam_as_coded'):
+    "LDAM as the paper's code applies it: BCE on s·(z - Δ_j y) over a plain linear head; predicts σ(z)."
+    preferred_head = 'linear'
+    def __init__(self,
+                 counts, # per-class positive counts n_j in training
+                 max_m:float=0.5, # the largest margin, given to the rarest class
+                 s:float=30.0, # scale of the linear logits inside the loss only (30 in the paper's code)
+                 weight=None, # per-class weight w_j, or None
+                 reduction:str='mean', # 'mean', 'sum' or 'none'
+                ):
+        super().__init__(counts, max_m, s, weight, reduction)
+
+    @property
+    def logit_scale(self) -> float: return 1.0   # predictions are σ(z): s exists only in the loss
+
+# %% ../nbs/04_losses.ipynb #10d3f746
+class LDAMDRWAsCodedLoss(LDAMAsCodedLoss, name='ldam_drw_as_coded'):
+    "`ldam_as_coded` meant for deferred re-weighting: `make_loss` wraps it in `DRW` (and needs `drw_start_epoch`)."
+    deferred_reweighting = True
 
 # %% ../nbs/04_losses.ipynb #ebd5d19b
 def loss_class(name:str, # a `LOSSES` name: 'bce', 'focal', 'asl', 'ldam', 'ldam_drw', ...

@@ -356,7 +356,7 @@ def _reference(name, z, y, counts):
     if name == 'bce': return elementwise(ref_bce, z, y)
     if name == 'focal': return elementwise(ref_focal, z, y, gamma=2.0)
     if name == 'asl': return elementwise(ref_asl, z, y)
-    if name in ('ldam', 'ldam_drw'):
+    if name in ('ldam', 'ldam_drw', 'ldam_as_coded', 'ldam_drw_as_coded'):   # one formula; the head differs
         m = ref_margins(counts, 0.5)
         return elementwise(ref_ldam, z, y, per_class=lambda j: {'margin': m[j]}, s=30.0)
     if name == 'logit_adjusted_bce':
@@ -512,7 +512,7 @@ def test_every_loss_takes_a_per_class_weight(rng, counts, name):
     z = rng.uniform(-1, 1, (B, C)) if name.startswith('ldam') else rng.normal(0, 3, (B, C))
     y = (rng.random((B, C)) < 0.3).astype(np.float64)
     w = f32_exact(rng, 0.0, 3)
-    kw = {'drw_start_epoch': 100} if name == 'ldam_drw' else {}
+    kw = {'drw_start_epoch': 100} if LOSSES[name].deferred_reweighting else {}
     loss = _build(name, counts, weight=w, reduction='sum', **kw)
     np.testing.assert_allclose(loss(t(z), t(y)).item(), reduce(_reference(name, z, y, counts), w, 'sum'), rtol=2e-6)
     with pytest.raises(ValueError, match='weight'):
@@ -545,6 +545,8 @@ DECLARATIONS = {  # name: (needs_counts, needs_n_images, preferred_head, deferre
     'ldam_drw': (True, False, 'normed', True),
     'logit_adjusted_bce': (True, True, 'linear', False),
     'negative_tolerant_bce': (True, True, 'linear', False),
+    'ldam_as_coded': (True, False, 'linear', False),
+    'ldam_drw_as_coded': (True, False, 'linear', True),
 }
 
 
@@ -593,7 +595,7 @@ def test_logit_scale_gives_the_probabilities(rng, counts):
                                rtol=0, atol=1e-6)
     for name in LOSSES:
         loss = _build(name, counts, drw_start_epoch=1)
-        k = 30.0 if name.startswith('ldam') else 1.0
+        k = 30.0 if name in ('ldam', 'ldam_drw') else 1.0   # the as-coded LDAM predicts σ(z), as the paper's code
         assert loss.logit_scale == k, name
         for dtype in (torch.float64, torch.float32, torch.float16):
             zt = t(z, dtype)
@@ -664,7 +666,7 @@ def test_registration_checks_names_and_declarations(monkeypatch):
 
 
 def test_without_drw_names_the_loss_a_drw_loss_derives_from(monkeypatch):
-    expected = {'ldam_drw': 'ldam'}   # every other registered loss is its own
+    expected = {'ldam_drw': 'ldam', 'ldam_drw_as_coded': 'ldam_as_coded'}   # every other registered loss is its own
     for name in DECLARATIONS:
         got = without_drw(name)
         assert got == expected.get(name, name), name
