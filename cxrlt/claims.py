@@ -48,7 +48,9 @@ CLAIMS = [  # (claim, row a, row b, the paper says a - b is ..., metric)
     ('future work: SAM raises F1 (ConvNeXt-Large)', 20, 15, '>', 'F1'),
 ]
 UNTESTABLE = {  # claim -> why the data cannot decide it
-    'calibration after cRT lowers mAP (ConvNeXt-Base)': 'a per-class monotone calibration leaves every AP unchanged'}
+    'calibration after cRT lowers mAP (ConvNeXt-Base)': 'a per-class monotone calibration leaves every AP unchanged',
+    'calibration after cRT raises F1 at 0.5 (ConvNeXt-Base)':
+        'a temperature keeps the sign of every log-odds, so every decision at 0.5, hence F1, is unchanged'}
 
 def _verdict(low:float, high:float, sign:str) -> str:
     "'holds' when the interval lies on the paper's side of 0, 'contradicted' on the other, else 'inconclusive'."
