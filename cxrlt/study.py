@@ -3,10 +3,10 @@
 # %% auto #0
 __all__ = ['ROWS', 'POST_STEPS', 'BASE_ROW_STEPS', 'PAPER_LOSSES', 'PRESETS', 'EXECUTORS', 'METRICS', 'GROUP_METRICS',
            'paper_table', 'leaderboard', 'Row', 'check_post_training', 'register_row', 'Preset', 'row_backbone',
-           'challenge_files', 'table_data', 'training_config', 'row_plan', 'check_table_inputs', 'table_plan',
-           'split_labels', 'score_predictions', 'row_notebook', 'kernel_name', 'execute_notebook', 'row_dir',
-           'row_parameters', 'row_is_done', 'run_row', 'post_train', 'set_aside_stale_run', 'execute_row', 'run_table',
-           'collect_results', 'table_cli']
+           'challenge_files', 'table_data', 'training_config', 'row_plan', 'check_table_inputs', 'split_labels',
+           'score_predictions', 'row_notebook', 'kernel_name', 'execute_notebook', 'row_dir', 'row_parameters',
+           'row_is_done', 'run_row', 'post_train', 'set_aside_stale_run', 'execute_row', 'run_table', 'collect_results',
+           'table_cli']
 
 # %% ../nbs/11_study.ipynb #9207f2f8
 import dataclasses, hashlib, importlib.resources, json, re, time, traceback
@@ -259,72 +259,6 @@ def check_table_inputs(plan:list, # rows to run (`row_plan`)
         problems += [f'row {row}: {q}' for q in check_inputs(cfg, files=files)]
         files = False   # the rows share the table's files: read them once
     raise_on_problems(problems, f'table {Path(table_dir).name}')
-
-# %% ../nbs/11_study.ipynb #a118bd52
-def _throughput_rates(throughput) -> dict:
-    "(backbone, size) -> training img/s from a `benchmarks/gpu_throughput.py` report (measured entries only)."
-    if throughput is None: return {}
-    report = load_json(throughput)
-    return {(r['model'], int(r['size'])): float(r['img_s']) for r in report.get('results', [])
-            if r.get('status') == 'ok' and r.get('img_s')}
-
-def _images_after_removal(files:dict) -> int:
-    "Training images less those `Removal.csv` lists."
-    from cxrlt.data import read_image_ids, read_removal_csv
-    ids = set(read_image_ids(files['train_csv']))
-    return len(ids - set(read_removal_csv(files['removal_csv']))) if files.get('removal_csv') else len(ids)
-
-# %% ../nbs/11_study.ipynb #7d93b4a9
-def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> float:
-    "Estimated GPU-hours of one row: its training epochs, or its post-training passes, at `rate` training img/s."
-    if not rate: return np.nan
-    infer = 3 * rate   # inference runs about three times as fast as a training step
-    if row.trains:
-        passes = 2 if dict(row.options).get('sam_rho') else 1   # SAM: two forward/backward passes per step
-        seconds = preset.epochs * (passes * n['train'] / rate + n['val'] / infer) + n['eval'] / infer
-    else:
-        steps = [s for s in check_post_training(row.post_training) if s not in BASE_ROW_STEPS]  # those refit files
-        seconds = len(row.base_rows) * (crt_views * n['train'] + n['eval']) / infer if steps else 0.0
-        if 'TTA' in steps: seconds += 2 * n['eval'] / infer
-    return seconds / 3600
-
-# %% ../nbs/11_study.ipynb #bb7400bf
-def table_plan(preset:str, # a `PRESETS` name
-               rows=None, # rows of the table (default: all) and the base rows they need
-               data=None, # the CXR-LT 2026 folder (its training CSV and Removal.csv are read)
-               img_per_s:float=None, # training images per second for every backbone (without a throughput file)
-               throughput=None, # a `throughput.json` of `benchmarks/gpu_throughput.py`
-               val_fraction:float=0.1, dev_fraction:float=0.1) -> pd.DataFrame:
-    "Per row: what it runs, images per epoch, epochs, training img/s and estimated GPU-hours; nothing is trained."
-    from cxrlt.data import read_image_ids
-    p = PRESETS[preset]
-    if data is None: raise ValueError('a plan needs the data: pass data=<folder with the CXR-LT 2026 files>')
-    files, rates = challenge_files(data), _throughput_rates(throughput)
-    total = _images_after_removal(files)
-    n_test = len(read_image_ids(files['test_csv'])) if files.get('test_csv') else 0
-    n = {'train': round(total * (1 - val_fraction - dev_fraction)), 'val': round(total * val_fraction)}
-    n['eval'] = n['val'] + round(total * dev_fraction) + n_test
-    recs = []
-    for r in row_plan(rows):
-        row = ROWS[r]
-        name = row_backbone(row, p) if row.trains else row_backbone(ROWS[row.base_rows[0]], p)
-        rate = rates.get((name, p.image_size), img_per_s)
-        recs.append({'row': r, 'model': row.model, 'loss': row.loss, 'post_training': row.post_training,
-                     'backbone': name, 'trains': row.trains, 'images_per_epoch': n['train'] if row.trains else 0,
-                     'epochs': p.epochs if row.trains else 0, 'img_per_s': rate,
-                     'gpu_hours': _row_hours(row, p, n, rate, p.crt_train_views)})
-    return pd.DataFrame(recs).set_index('row')
-
-# %% ../nbs/11_study.ipynb #0614ed4a
-def _plan_text(plan:pd.DataFrame, preset:str) -> str:
-    "The plan as a table and a closing line with the trainings and the total GPU-hours."
-    hours = plan.gpu_hours.map(lambda h: '—' if pd.isna(h) else f'{h:.3g}')
-    shown = plan.assign(gpu_hours=hours, img_per_s=plan.img_per_s.round(1))
-    known = plan.gpu_hours.notna()
-    total = f'{plan.gpu_hours[known].sum():.3g} GPU-hours' + ('' if known.all() else
-                                                          f' (rows {list(plan.index[~known])} have no throughput)')
-    return (shown.to_string(na_rep='—') + f'\n{preset} preset: {len(plan)} rows, {int(plan.trains.sum())} trainings, '
-            f'{int(plan.images_per_epoch.max())} images per epoch; estimated {total}')
 
 # %% ../nbs/11_study.ipynb #5c8a972e
 _VIEW_NAMES = {'PA': 'PA', 'L': 'lateral', 'AP': 'AP', 'AP_horizontal': 'AP horizontal', 'UNK': 'unknown'}
@@ -691,6 +625,7 @@ def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (demo synth
     except (ValueError, AttributeError):
         raise ValueError(f'--overrides must be a JSON object of row -> {{key: value}}, got {overrides!r}') from None
     if dry_run:
+        from cxrlt.plan import _plan_text, table_plan   # cxrlt.plan imports this module
         print(_plan_text(table_plan(preset, row_list, data, img_per_s, throughput), preset))
         return 0
     s = run_table(preset, row_list, executor, data, out, over, workers=workers)

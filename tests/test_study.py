@@ -228,7 +228,7 @@ def test_dry_run_plans_the_paper_table_without_training(tmp_path):
     r = cxrlt('table', '--preset', 'paper', '--data', d, '--dry-run', '--throughput', tmp_path/'throughput.json')
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'paper preset: 20 rows, 10 trainings, 72 images per epoch' in r.stdout, r.stdout
-    from cxrlt.study import table_plan
+    from cxrlt.plan import table_plan
     plan = table_plan('paper', data=d, throughput=tmp_path/'throughput.json')
     n_train, n_val, n_eval = round(90 * 0.8), round(90 * 0.1), round(90 * 0.1) * 2 + 24   # 96 images less 6 removed
     hours = (20 * (n_train / 100 + n_val / 300) + n_eval / 300) / 3600
