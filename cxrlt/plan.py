@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 
 from .core import load_json
-from .study import (BASE_ROW_STEPS, PRESETS, ROWS, Preset, Row, challenge_files, check_post_training,
-                         row_backbone, row_plan)
+from .presets import Preset, get_preset
+from .study import (BASE_ROW_STEPS, ROWS, Row, challenge_files, check_post_training, row_backbone, row_loss,
+                         row_plan)
 
 # %% ../nbs/11b_plan.ipynb #a118bd52
 def _throughput_rates(throughput) -> dict:
@@ -45,10 +46,12 @@ def table_plan(preset:str, # a `PRESETS` name
                data=None, # the CXR-LT 2026 folder (its training CSV and Removal.csv are read)
                img_per_s:float=None, # training images per second for every backbone (without a throughput file)
                throughput=None, # a `throughput.json` of `benchmarks/gpu_throughput.py`
-               val_fraction:float=0.1, dev_fraction:float=0.1) -> pd.DataFrame:
+               val_fraction:float=0.1, dev_fraction:float=0.1,
+               scale:str=None, # the preset's recipe at this preset's data, size and budget (`get_preset`)
+              ) -> pd.DataFrame:
     "Per row: what it runs, images per epoch, epochs, training img/s and estimated GPU-hours; nothing is trained."
     from cxrlt.data import read_image_ids
-    p = PRESETS[preset]
+    p = get_preset(preset, scale)
     if data is None: raise ValueError('a plan needs the data: pass data=<folder with the CXR-LT 2026 files>')
     files, rates = challenge_files(data), _throughput_rates(throughput)
     total = _images_after_removal(files)
@@ -56,11 +59,12 @@ def table_plan(preset:str, # a `PRESETS` name
     n = {'train': round(total * (1 - val_fraction - dev_fraction)), 'val': round(total * val_fraction)}
     n['eval'] = n['val'] + round(total * dev_fraction) + n_test
     recs = []
-    for r in row_plan(rows):
+    for r in row_plan(p.rows if rows is None else rows):
         row = ROWS[r]
         name = row_backbone(row, p) if row.trains else row_backbone(ROWS[row.base_rows[0]], p)
         rate = rates.get((name, p.image_size), img_per_s)
-        recs.append({'row': r, 'model': row.model, 'loss': row.loss, 'post_training': row.post_training,
+        loss = row_loss(row, p) if row.trains else row.loss
+        recs.append({'row': r, 'model': row.model, 'loss': loss, 'post_training': row.post_training,
                      'backbone': name, 'trains': row.trains, 'images_per_epoch': n['train'] if row.trains else 0,
                      'epochs': p.epochs if row.trains else 0, 'img_per_s': rate,
                      'gpu_hours': _row_hours(row, p, n, rate, p.crt_train_views)})

@@ -5,7 +5,7 @@ __all__ = ['SAMPLERS', 'TRAIN_RANGES', 'RESUME_MAY_CHANGE', 'cosine_warmup_facto
            'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver', 'stored_run_problems', 'fit', 'train_cli']
 
 # %% ../nbs/07_train.ipynb #f211d209
-import contextlib, dataclasses, functools, math, os, sys, time
+import contextlib, dataclasses, functools, math, os, time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -25,6 +25,7 @@ from .devices import CompiledOrEager, amp_dtype, autocast_for, describe_settings
 from .distributed import (broadcast_from_rank0, epoch_generator, gather_to_rank0, init_distributed, rank_seed,
                                rng_state, set_rng_state)
 from .labels import CLASSES
+from .sam import _is_sam, _sam_refusal, _sam_second_pass, sam_optimizer
 
 # %% ../nbs/07_train.ipynb #af2bb47d
 def cosine_warmup_factor(step:int, # optimizer steps taken so far
@@ -84,32 +85,6 @@ def _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema, second_
     scheduler.step()
     if ema is not None: ema.update(unwrap(model))
 
-# %% ../nbs/07_train.ipynb #9667a2db
-@contextlib.contextmanager
-def _running_stats_kept(model:nn.Module):
-    "Batch norm's running statistics and batch counts put back, after the block, as they were before it."
-    norms = [m for m in unwrap(model).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [[b.clone() for b in m.buffers(recurse=False)] for m in norms]
-    try: yield
-    finally:
-        with torch.no_grad():
-            for m, kept in zip(norms, saved):
-                for b, k in zip(m.buffers(recurse=False), kept): b.copy_(k)
-
-# %% ../nbs/07_train.ipynb #f705b260
-def _is_sam(optimizer) -> bool:
-    "Whether `optimizer` is pytorch-optimizer's `SAM` (imported only by runs that use it): its step needs a closure."
-    po = sys.modules.get('pytorch_optimizer')
-    return po is not None and isinstance(optimizer, po.SAM)
-
-def _sam_second_pass(model, loss_fn, x, y, *, autocast, loss_scale:float, desc:str, batch:int):
-    "SAM's closure: the same augmented batch's loss and gradient at w + ε̂, batch norm's running statistics kept."
-    def closure():
-        with _running_stats_kept(model):
-            return _backward(model, loss_fn, x, y, step_now=True, autocast=autocast, scaler=None,
-                             loss_scale=loss_scale, accum_steps=1, desc=f'{desc} (SAM pass at w + ε)', batch=batch)
-    return closure
-
 # %% ../nbs/07_train.ipynb #8aa66ccb
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
                     device:torch.device, # training device
@@ -142,8 +117,8 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, *,
         group = min(accum_steps, n - i // accum_steps * accum_steps)   # micro-batches in this step's group
         loss = _backward(model, loss_fn, x, y, step_now=step_now, autocast=autocast, scaler=scaler,
                          loss_scale=loss_scale, accum_steps=group, desc=desc, batch=i)
-        again = _sam_second_pass(model, loss_fn, x, y, autocast=autocast, loss_scale=loss_scale, desc=desc,
-                                 batch=i) if sam else None
+        again = _sam_second_pass(_backward, model, loss_fn, x, y, autocast=autocast, loss_scale=loss_scale,
+                                 desc=desc, batch=i) if sam else None
         if step_now: _optimizer_step(model, optimizer, scheduler, scaler, grad_clip, ema, second_pass=again)
         total += loss.item() * (1 if per_image else len(x)); seen += len(x)
         rate = seen * world_size / (time.perf_counter() - t0)
@@ -271,22 +246,6 @@ class TrainConfig(Config):
              if k not in ('progress', 'run_name', 'out_dir') and v != default[k]}
         h = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
         return f'{self.backbone}-{self.loss}-{h}'
-
-# %% ../nbs/07_train.ipynb #31a8829b
-def _sam_refusal(cfg:TrainConfig, amp:str) -> Optional[str]:
-    "Why `cfg`'s SAM keys cannot train with autocast `amp` (as given, or as 'auto' resolved); None when they can."
-    if cfg.sam_rho is None and cfg.sam_adaptive:
-        return 'sam_adaptive=True needs sam_rho (ASAM is SAM with a scaled perturbation), e.g. sam_rho=0.5'
-    if cfg.sam_rho is None: return None
-    if cfg.accum_steps > 1:
-        return (f'sam_rho with accum_steps={cfg.accum_steps} is not supported: SAM perturbs the weights along the '
-                "gradient of the whole step, known only after its last micro-batch — use accum_steps=1 with a larger "
-                'batch_size or more processes')
-    if amp == 'fp16':
-        how = '' if cfg.amp == 'fp16' else " (what amp='auto' gives on a GPU without bfloat16)"
-        return (f'sam_rho with amp=fp16{how} is not supported: its GradScaler unscales and checks one gradient per '
-                "step, while SAM's first gradient already moves the weights — use amp=bf16 or amp=off")
-    return None
 
 # %% ../nbs/07_train.ipynb #0e6cb52f
 def training_data(cfg:TrainConfig) -> dict:
@@ -550,9 +509,7 @@ def _optimizer(cfg:TrainConfig, model:nn.Module) -> torch.optim.Optimizer:
                                                          weight_decay=cfg.weight_decay, **fused)
     base = make(model)
     if cfg.sam_rho is None: return base
-    from pytorch_optimizer import SAM
-    # SAM builds its base on its own copy of timm's groups (each keeps its weight decay), through the same factory
-    return SAM([dict(g) for g in base.param_groups], make, rho=cfg.sam_rho, adaptive=cfg.sam_adaptive)
+    return sam_optimizer(base.param_groups, make, cfg.sam_rho, cfg.sam_adaptive)
 
 # %% ../nbs/07_train.ipynb #39bd9ce3
 def _optimisation(cfg:TrainConfig, model:nn.Module, n_batches:int, device) -> dict:

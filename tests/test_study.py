@@ -193,23 +193,24 @@ def test_recipe_add_a_row(smoke_table, tmp_path, monkeypatch):
     "CONTRIBUTING's recipe: one `register_row` line adds a row (here in a temporary registry) that `run_table` runs."
     import shutil
     from cxrlt import study
+    from cxrlt.presets import PRESETS
     monkeypatch.setattr(study, 'ROWS', dict(study.ROWS))
-    study.register_row(21, 'ResNet-50', 'ldam_drw', post_training='cRT+TTA', base_rows=[3])
-    study.register_row(22, 'ResNet-50', 'asl', backbone='resnet50')
-    assert study.row_plan([21]) == [3, 21]
-    c = study.training_config(22, study.PRESETS['smoke'], {k: None for k in (
+    study.register_row(31, 'ResNet-50', 'ldam_drw', post_training='cRT+TTA', base_rows=[3])
+    study.register_row(32, 'ResNet-50', 'asl', backbone='resnet50')
+    assert study.row_plan([31]) == [3, 31]
+    c = study.training_config(32, PRESETS['smoke'], {k: None for k in (
         'train_csv', 'train_cache', 'removal_csv', 'test_csv', 'test_cache', 'test_labels_csv')}, tmp_path)
     assert (c['backbone'], c['loss'], c['head'], c['drw_start_epoch']) == ('resnet10t', 'asl', 'linear', None)
     table, _ = smoke_table
     try:
-        s = study.run_table('smoke', [21], out=table, progress=False)
-        assert s['failed'] == [] and s['rows']['3']['status'] == 'skipped' and s['rows']['21']['status'] == 'done'
-        r21 = json.loads((table/'rows'/'row21'/'result.json').read_text())
+        s = study.run_table('smoke', [31], out=table, progress=False)
+        assert s['failed'] == [] and s['rows']['3']['status'] == 'skipped' and s['rows']['31']['status'] == 'done'
+        r31 = json.loads((table/'rows'/'row31'/'result.json').read_text())
         r3 = json.loads((table/'rows'/'row03'/'result.json').read_text())
-        assert r21['run_dirs'] == r3['run_dirs'] and r21['post_training'] == 'cRT+TTA'
-        assert 21 in set(pd.read_csv(table/'results.csv').row)
+        assert r31['run_dirs'] == r3['run_dirs'] and r31['post_training'] == 'cRT+TTA'
+        assert 31 in set(pd.read_csv(table/'results.csv').row)
     finally:  # leave the shared table as the other tests expect it
-        shutil.rmtree(table/'rows'/'row21', ignore_errors=True)
+        shutil.rmtree(table/'rows'/'row31', ignore_errors=True)
         study.collect_results(table)
 
 
