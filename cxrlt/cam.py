@@ -261,7 +261,8 @@ def _warn_flat_maps(name:str, fmap:tuple, size:int):
 def _log_odds_scale(run_dir:Path) -> float:
     "k of the log-odds k·z the run's loss trains (s for LDAM): what predictions.csv's `logit:` columns hold."
     from cxrlt.posttrain.predictions import run_loss
-    return float(run_loss(run_dir, np.ones((1, len(CLASSES)))).logit_scale)   # k depends on the options, not counts
+    labels = np.repeat([[1], [0]], len(CLASSES), axis=1)   # one positive of two images per class
+    return float(run_loss(run_dir, labels).logit_scale)   # k depends on the options, not counts (priors 1/2)
 
 def _load_run(run_dir:Path, panel:pd.DataFrame, val:dict, device:str) -> SimpleNamespace:
     "A run's validation set, predictions, image cache, best model and feature-map size, checked against the panel."

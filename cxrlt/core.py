@@ -3,8 +3,8 @@
 # %% auto #0
 __all__ = ['logger', 'MANIFEST_PACKAGES', 'get_logger', 'plot_theme', 'seed_everything', 'choose_device', 'atomic_write',
            'new_folder', 'save_json', 'load_json', 'save_csv', 'save_checkpoint', 'load_checkpoint', 'package_versions',
-           'git_state', 'host_info', 'param_changes', 'start_run', 'end_run', 'log_to_file', 'run_directory', 'Config',
-           'read_config_yaml', 'check_ranges']
+           'git_state', 'host_info', 'with_defaults', 'param_changes', 'start_run', 'end_run', 'log_to_file',
+           'run_directory', 'Config', 'read_config_yaml', 'check_ranges']
 
 # %% ../nbs/00_core.ipynb #1996b5a6
 import contextlib, dataclasses, datetime, difflib, json, logging, math, os, pickle, platform, random, re, socket
@@ -240,6 +240,15 @@ def _new_manifest(name:str, params:dict) -> dict:
             'command': sys.argv}
 
 # %% ../nbs/00_core.ipynb #31fd08bc
+def with_defaults(params:dict, # a run's stored parameters
+                  defaults:dict=None, # today's defaults of every key (nested dicts too, e.g. `augment`)
+                 ) -> dict:
+    "`params` with the keys added since they were stored at their defaults, one level into nested dicts."
+    out = {**(defaults or {}), **params}
+    for k, v in (defaults or {}).items():
+        if isinstance(v, dict) and isinstance(params.get(k), dict): out[k] = {**v, **params[k]}
+    return out
+
 def param_changes(old:dict, # the parameters a run was started with (its manifest's `params`)
                   new:dict, # the parameters it is asked to continue with
                   may_change=(), # keys that may differ (they do not change results, e.g. progress)
@@ -253,7 +262,7 @@ def param_changes(old:dict, # the parameters a run was started with (its manifes
 def _resumed_manifest(run_dir:Path, params:dict, may_change=(), defaults=None) -> dict:
     "The manifest of `run_dir` re-entered with `params`, equal to the stored ones (keys added since: `defaults`)."
     manifest = load_json(run_dir/'manifest.json')
-    changes = param_changes({**(defaults or {}), **manifest['params']}, params, may_change)
+    changes = param_changes(with_defaults(manifest['params'], defaults), params, may_change)
     if changes: raise ValueError(f'cannot resume {run_dir}: {changes} — rerun with the stored values '
                                  'or choose another run name')
     manifest.setdefault('resumed_at', []).append(_utcnow())

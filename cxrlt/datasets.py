@@ -2,11 +2,11 @@
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'CachedImageDataset', 'normalize_batch', 'AugmentConfig', 'train_augmentation',
-           'cache_dataloader', 'CacheBatchLoader', 'train_loader', 'augment_params', 'affine_batch', 'jitter_batch',
-           'DeviceAugment']
+           'clahe_batch', 'noise_batch', 'dropout_batch', 'ClaheNoiseDropout', 'cache_dataloader', 'CacheBatchLoader',
+           'train_loader', 'augment_params', 'affine_batch', 'jitter_batch', 'DeviceAugment']
 
 # %% ../nbs/02e_datasets.ipynb #1f242452
-import collections, concurrent.futures, dataclasses, itertools
+import collections, concurrent.futures, dataclasses, itertools, numbers
 
 import numpy as np
 import torch
@@ -113,12 +113,26 @@ class AugmentConfig(Config):
     scale: tuple[float, float] = (0.9, 1.1) # zoom factor range; (1, 1) for none
     brightness: float = 0.1 # brightness factor drawn from [1 - b, 1 + b]
     contrast: float = 0.1 # contrast factor drawn from [1 - c, 1 + c]
+    clahe: float = 0.0 # probability of CLAHE (contrast-limited adaptive histogram equalisation), as OpenCV's
+    clahe_clip: float = 2.0 # CLAHE's clip limit (OpenCV's clipLimit)
+    clahe_tiles: int = 8 # CLAHE's tile grid: tiles × tiles
+    noise: float = 0.0 # largest std of additive Gaussian noise (each image's drawn from [0, noise]), in [0, 1] units
+    dropout: float = 0.0 # probability of coarse dropout: black square holes
+    dropout_holes: int = 8 # most holes an image gets (its count drawn from 1..dropout_holes)
+    dropout_size: float = 0.1 # hole side, as a fraction of the image's shorter side
 
     def __post_init__(self):
         check_ranges(self, {'hflip': '[0, 1]', 'degrees': '[0, 180]', 'translate': '[0, 1)', 'scale': '(0, inf)',
-                            'brightness': '[0, 1]', 'contrast': '[0, 1]'})
+                            'brightness': '[0, 1]', 'contrast': '[0, 1]', 'clahe': '[0, 1]', 'clahe_clip': '(0, inf)',
+                            'clahe_tiles': '[1, inf)', 'noise': '[0, 1]', 'dropout': '[0, 1]',
+                            'dropout_holes': '[1, inf)', 'dropout_size': '(0, 1)'})
         if self.scale[0] > self.scale[1]:
             raise ValueError(f'scale must be (low, high) with low <= high, got {self.scale}')
+        for key in ('clahe_tiles', 'dropout_holes'):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f'{key} must be an int, got {value!r}')
+
 
 # %% ../nbs/02e_datasets.ipynb #75d5b904
 def train_augmentation(cfg:AugmentConfig=None, # the augmentations; default `AugmentConfig()`
@@ -133,7 +147,138 @@ def train_augmentation(cfg:AugmentConfig=None, # the augmentations; default `Aug
                                      scale=tuple(cfg.scale), interpolation=v2.InterpolationMode.BILINEAR, fill=0))
     if cfg.brightness or cfg.contrast:
         steps.append(v2.ColorJitter(brightness=cfg.brightness or None, contrast=cfg.contrast or None))
+    if cfg.clahe or cfg.noise or cfg.dropout: steps.append(ClaheNoiseDropout(cfg))
     return v2.Compose(steps) if steps else torch.nn.Identity()
+
+# %% ../nbs/02e_datasets.ipynb #4ba30302
+def _reflect_101(n:int, pad:int, device) -> torch.Tensor:
+    "Indices of a side of `n` pixels extended by `pad` past its end, as OpenCV's BORDER_REFLECT_101 extends it."
+    i = torch.arange(n + pad, device=device)
+    if n == 1: return i.zero_()
+    i = i % (2 * n - 2)
+    return torch.where(i < n, i, 2 * n - 2 - i)
+
+def _tiled(levels:torch.Tensor, tiles:int) -> torch.Tensor:
+    "(B, H, W) levels extended as OpenCV extends them to tiles × tiles equal tiles (both sides unless both divide)."
+    h, w = levels.shape[-2:]
+    if h % tiles == 0 and w % tiles == 0: return levels
+    rows, cols = _reflect_101(h, tiles - h % tiles, levels.device), _reflect_101(w, tiles - w % tiles, levels.device)
+    return levels[:, rows][:, :, cols]
+
+def _clip_limit(clip:float, area:int) -> int:
+    "OpenCV's clip limit: the most pixels a histogram bin of a tile of `area` pixels keeps."
+    return max(int(clip * area / 256), 1)
+
+def _tile_luts(levels:torch.Tensor, tiles:int, clip:float) -> torch.Tensor:
+    "(B, tiles², 256) float32 LUTs of (B, H, W) long levels: each tile's histogram clipped, spread and equalised."
+    b, h, w = levels.shape
+    th, tw, n = h // tiles, w // tiles, tiles * tiles
+    tile = levels.view(b, tiles, th, tiles, tw).transpose(2, 3).reshape(b, n, th * tw)
+    index = (tile + torch.arange(0, n * 256, 256, device=levels.device).view(1, -1, 1)).view(b, -1)
+    hist = torch.zeros(b, n * 256, device=levels.device)        # counts: exact in float32 up to 2^24 pixels a tile
+    hist = hist.scatter_add_(1, index, hist.new_ones(1, 1).expand_as(index)).view(b, n, 256)
+    limit = _clip_limit(clip, th * tw)
+    excess = (hist - limit).clamp_(min=0).sum(-1, keepdim=True)
+    spread = excess.div(256).floor_()
+    residual, bins = excess - 256 * spread, torch.arange(256, dtype=torch.float32, device=levels.device)
+    step = (256 / residual.clamp(min=1)).floor_()
+    # running count of what OpenCV adds: `spread` to every bin, 1 to `residual` bins `step` apart from bin 0
+    added = bins.div(step).floor_().add_(1).clamp_(max=residual).add_(bins.add(1) * spread)
+    sums = hist.clamp_(max=limit).cumsum(-1).add_(added)
+    return sums.mul_(torch.tensor(255, dtype=torch.float32) / (th * tw)).round_()
+
+def _tile_weights(n:int, tile:int, tiles:int, device) -> tuple:
+    "Per row (or column): its two nearest tile centres and their bilinear weights, in float32 as OpenCV has them."
+    pos = torch.arange(n, dtype=torch.float32, device=device) * (1 / torch.tensor(tile, dtype=torch.float32)) - 0.5
+    first = pos.floor()
+    a = pos - first
+    first = first.long()
+    return first.clamp(min=0), (first + 1).clamp(max=tiles - 1), a, 1 - a
+
+def clahe_batch(x:torch.Tensor, # float (B, 1, H, W) images in [0, 1]
+                clip:float=2.0, # clip limit (OpenCV's clipLimit)
+                tiles:int=8, # tile grid: tiles × tiles
+               ) -> torch.Tensor:
+    "Each image's CLAHE on its 256 grey levels, as `cv2.createCLAHE(clip, (tiles, tiles)).apply`, in [0, 1]."
+    b, _, h, w = x.shape
+    levels = x[:, 0].mul(255).round_().clamp_(0, 255).long()
+    padded = _tiled(levels, tiles)
+    luts = _tile_luts(padded, tiles, clip).view(b, -1)
+    top, bottom, ya, ya1 = _tile_weights(h, padded.shape[1] // tiles, tiles, x.device)
+    left, right, xa, xa1 = _tile_weights(w, padded.shape[2] // tiles, tiles, x.device)
+    v = levels.view(b, -1)
+    def lut(ty, tx): return luts.gather(1, ((ty[:, None] * tiles + tx) * 256).view(1, -1) + v).view(b, h, w)
+    ya, ya1 = ya[:, None], ya1[:, None]
+    out = (lut(top, left) * xa1 + lut(top, right) * xa) * ya1 + (lut(bottom, left) * xa1 + lut(bottom, right) * xa) * ya
+    return out.round_().div_(255)[:, None]
+
+# %% ../nbs/02e_datasets.ipynb #bff27ece
+def noise_batch(x:torch.Tensor, # float (B, 1, H, W) images in [0, 1]
+                sigma:torch.Tensor, # (B,) each image's noise std, in [0, 1] units
+                z:torch.Tensor, # standard normal draws of x's shape
+               ) -> torch.Tensor:
+    "Each image plus Gaussian noise `sigma·z` with its own std, clipped to [0, 1]."
+    return torch.addcmul(x, z.to(x), sigma.to(x).view(-1, 1, 1, 1)).clamp_(0, 1)
+
+# %% ../nbs/02e_datasets.ipynb #1ba0509d
+def dropout_batch(x:torch.Tensor, # float (B, C, H, W) images
+                  boxes:torch.Tensor, # (B, K, 4) integer holes (top, left, height, width); empty ones change nothing
+                 ) -> torch.Tensor:
+    "Each image with its holes set to 0 (black), as `v2.functional.erase(x, top, left, height, width, v=0)` of each."
+    b, _, h, w = x.shape
+    boxes = boxes.to(x.device)
+    rows, cols = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    hole = torch.zeros(b, 1, h, w, dtype=torch.bool, device=x.device)
+    for top, left, height, width in boxes.permute(1, 2, 0):                   # one hole of every image at a time
+        in_rows = (rows >= top[:, None]) & (rows < (top + height)[:, None])
+        in_cols = (cols >= left[:, None]) & (cols < (left + width)[:, None])
+        hole |= in_rows[:, None, :, None] & in_cols[:, None, None, :]
+    return x.masked_fill(hole, 0)
+
+# %% ../nbs/02e_datasets.ipynb #2f82cb54
+def _dropout_boxes(cfg:AugmentConfig, n:int, h:int, w:int, generator, dev) -> torch.Tensor:
+    "(n, dropout_holes, 4) holes (top, left, side, side): with probability `dropout` an image gets 1..dropout_holes."
+    side, k = max(1, round(cfg.dropout_size * min(h, w))), cfg.dropout_holes
+    on = torch.rand(n, generator=generator, device=dev) < cfg.dropout
+    count = torch.randint(1, k + 1, (n, 1), generator=generator, device=dev)
+    top = torch.randint(0, h - side + 1, (n, k), generator=generator, device=dev)
+    left = torch.randint(0, w - side + 1, (n, k), generator=generator, device=dev)
+    sides = (on[:, None] & (torch.arange(k, device=dev) < count)).long() * side
+    return torch.stack([top, left, sides, sides], -1)
+
+def _strong_params(cfg:AugmentConfig, n:int, h:int, w:int, generator, dev) -> dict:
+    "Per-sample parameters of the CLAHE, noise and dropout steps that `cfg` switches on; nothing drawn for the others."
+    params = {}
+    if cfg.clahe: params['clahe'] = torch.rand(n, generator=generator, device=dev) < cfg.clahe
+    if cfg.noise:
+        params['noise_std'] = torch.rand(n, generator=generator, device=dev).mul_(cfg.noise)
+        params['noise'] = torch.randn(n, 1, h, w, generator=generator, device=dev)
+    if cfg.dropout: params['dropout_boxes'] = _dropout_boxes(cfg, n, h, w, generator, dev)
+    return params
+
+def _strong_steps(x:torch.Tensor, cfg:AugmentConfig, params:dict) -> torch.Tensor:
+    "Float (B, 1, H, W) images through CLAHE, noise and coarse dropout, in this order, each where `cfg` has it."
+    if cfg.clahe:
+        chosen = params['clahe'].to(x.device).view(-1, 1, 1, 1)
+        x = torch.where(chosen, clahe_batch(x, cfg.clahe_clip, cfg.clahe_tiles), x)
+    if cfg.noise: x = noise_batch(x, params['noise_std'], params['noise'])
+    return dropout_batch(x, params['dropout_boxes']) if cfg.dropout else x
+
+class ClaheNoiseDropout(torch.nn.Module):
+    "`cfg`'s CLAHE, noise and coarse dropout of (1, S, S) or (B, 1, S, S) tensors (float in [0, 1] or uint8)."
+    def __init__(self, cfg:AugmentConfig): super().__init__(); self.cfg = cfg
+
+    def forward(self, x:torch.Tensor) -> torch.Tensor:
+        batch = x if x.ndim == 4 else x[None]
+        f = batch.float().div(255) if x.dtype == torch.uint8 else batch
+        f = _strong_steps(f, self.cfg, _strong_params(self.cfg, len(f), *f.shape[-2:], None, f.device))
+        if x.dtype == torch.uint8: f = f.mul(255).round_().to(torch.uint8)
+        return f if x.ndim == 4 else f[0]
+
+    def extra_repr(self):
+        c = self.cfg
+        return (f'clahe={c.clahe}, clahe_clip={c.clahe_clip}, clahe_tiles={c.clahe_tiles}, noise={c.noise}, '
+                f'dropout={c.dropout}, dropout_holes={c.dropout_holes}, dropout_size={c.dropout_size}')
 
 # %% ../nbs/02e_datasets.ipynb #24f82124
 def cache_dataloader(dataset:CachedImageDataset, # the cached images
@@ -238,10 +383,11 @@ def augment_params(cfg:AugmentConfig, # the augmentations
     dev = generator.device if generator is not None else torch.device(device or 'cpu')
     def u(lo, hi): return torch.rand(n, generator=generator, device=dev).mul_(hi - lo).add_(lo)
     t, b, c = cfg.translate, cfg.brightness, cfg.contrast
-    return {'flip': u(0, 1) < cfg.hflip, 'angle': u(-cfg.degrees, cfg.degrees),
-            'translate': torch.stack([u(-t * width, t * width), u(-t * height, t * height)], 1).round_(),
-            'scale': u(*cfg.scale), 'brightness': u(max(0.0, 1 - b), 1 + b), 'contrast': u(max(0.0, 1 - c), 1 + c),
-            'brightness_first': u(0, 1) < 0.5}
+    params = {'flip': u(0, 1) < cfg.hflip, 'angle': u(-cfg.degrees, cfg.degrees),
+              'translate': torch.stack([u(-t * width, t * width), u(-t * height, t * height)], 1).round_(),
+              'scale': u(*cfg.scale), 'brightness': u(max(0.0, 1 - b), 1 + b), 'contrast': u(max(0.0, 1 - c), 1 + c),
+              'brightness_first': u(0, 1) < 0.5}
+    return {**params, **_strong_params(cfg, n, height, width, generator, dev)}     # drawn last: the others unchanged
 
 # %% ../nbs/02e_datasets.ipynb #c837b5e9
 def _affine_theta(angle, translate, scale, flip, h:int, w:int) -> torch.Tensor:
@@ -299,6 +445,7 @@ class DeviceAugment:
         c = self.cfg
         self.affine = bool(c.degrees or c.translate or tuple(c.scale) != (1, 1))   # the steps `train_augmentation` has
         self.colour = bool(c.brightness or c.contrast)
+        self.strong = bool(c.clahe or c.noise or c.dropout)
         self._normalisers = {}                # (scale, shift) per device, copied there once
 
     def params(self, n:int, height:int, width:int, generator=None, device=None) -> dict:
@@ -311,13 +458,14 @@ class DeviceAugment:
 # %% ../nbs/02e_datasets.ipynb #809f9f37
 @patch
 def augment(self:DeviceAugment, x:torch.Tensor, params:dict) -> torch.Tensor:
-    "Float (B, 1, H, W) images in [0, 1] flipped, warped and jittered with `params`, in [0, 1]."
+    "Float (B, 1, H, W) images in [0, 1] flipped, warped, jittered, equalised, noised and dropped out with `params`."
     c = self.cfg
     if self.affine: x = affine_batch(x, params['angle'], params['translate'], params['scale'], params['flip'])
     elif c.hflip: x = torch.where(params['flip'].to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-    if not self.colour: return x
-    return jitter_batch(x, params['brightness'] if c.brightness else None, params['contrast'] if c.contrast else None,
-                        params['brightness_first'])
+    if self.colour:
+        x = jitter_batch(x, params['brightness'] if c.brightness else None,
+                         params['contrast'] if c.contrast else None, params['brightness_first'])
+    return _strong_steps(x, c, params) if self.strong else x
 
 @patch
 def __call__(self:DeviceAugment, images:torch.Tensor, # uint8 (B, 1, S, S) batch, on any device

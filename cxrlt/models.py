@@ -138,6 +138,9 @@ register_backbone('efficientnetv2_s', 'tf_efficientnetv2_s.in1k', EFFICIENTNET,
                   'EfficientNetV2-S (public code)', 'tf_efficientnetv2_b0')
 register_backbone('convnext_base', 'convnext_base.fb_in22k_ft_in1k', CONVNEXT, 'ConvNeXt-Base', 'convnext_atto')
 register_backbone('convnext_large', 'convnext_large.fb_in22k_ft_in1k', CONVNEXT, 'ConvNeXt-Large', 'convnext_femto')
+# beyond the paper: the CXR-LT 2026 winner's backbone (ImageNet-22k pre-training, then 1k), for the strong preset
+register_backbone('convnextv2_atto', 'convnextv2_atto.fcmae_ft_in1k', CONVNEXT)
+register_backbone('convnextv2_base', 'convnextv2_base.fcmae_ft_in22k_in1k', CONVNEXT, cpu_proxy='convnextv2_atto')
 # the other EfficientFormerV2 sizes, by their own names
 register_backbone('efficientformerv2_s1', 'efficientformerv2_s1.snap_dist_in1k', EFFICIENTFORMERV2)
 register_backbone('efficientformerv2_s2', 'efficientformerv2_s2.snap_dist_in1k', EFFICIENTFORMERV2)

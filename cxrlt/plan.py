@@ -9,8 +9,7 @@ import pandas as pd
 
 from .core import load_json
 from .presets import Preset, get_preset
-from .study import (BASE_ROW_STEPS, ROWS, Row, challenge_files, check_post_training, row_backbone, row_loss,
-                         row_plan)
+from .study import ROWS, Row, challenge_files, check_post_training, row_backbone, row_loss, row_plan
 
 # %% ../nbs/11b_plan.ipynb #a118bd52
 def _throughput_rates(throughput) -> dict:
@@ -35,9 +34,10 @@ def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> flo
         passes = 2 if dict(row.options).get('sam_rho') else 1   # SAM: two forward/backward passes per step
         seconds = preset.epochs * (passes * n['train'] / rate + n['val'] / infer) + n['eval'] / infer
     else:
-        steps = [s for s in check_post_training(row.post_training) if s not in BASE_ROW_STEPS]  # those refit files
-        seconds = len(row.base_rows) * (crt_views * n['train'] + n['eval']) / infer if steps else 0.0
-        if 'TTA' in steps: seconds += 2 * n['eval'] / infer
+        steps = check_post_training(row.post_training)          # the refits (BASE_ROW_STEPS) read a file: no GPU
+        crt = steps[:1] == ['cRT']
+        seconds = len(row.base_rows) * (crt_views * n['train'] + n['eval']) / infer if crt else 0.0
+        if 'TTA' in steps: seconds += (2 if crt else len(preset.tta_views)) * n['eval'] / infer   # TTA's views
     return seconds / 3600
 
 # %% ../nbs/11b_plan.ipynb #bb7400bf

@@ -56,17 +56,17 @@ ROWS = {}  # row number -> Row, filled by `register_row`
 
 # %% ../nbs/11_study.ipynb #d501ba98
 POST_STEPS = ('cRT', 'TTA', 'calibration', 'ensemble')
-BASE_ROW_STEPS = ('thresholds', 'class-temperature')   # alone, on a base row's own predictions (the future-work rows)
+BASE_ROW_STEPS = ('thresholds', 'class-temperature', 'gating')   # refits of a base row's own predictions
 
 def check_post_training(post:str, # e.g. 'cRT+TTA'; '' re-scores a base row
                        ) -> list:
-    "The steps of a post-training, checked: '', cRT and at most one of TTA, calibration, ensemble, or a base-row step."
+    "The steps of a post-training, checked: cRT and at most one of TTA, calibration, ensemble; or [TTA+] a refit."
     steps = post.split('+') if post else []
-    if len(steps) == 1 and steps[0] in BASE_ROW_STEPS: return steps
-    if steps and (steps[0] != 'cRT' or len(steps) > 2 or any(s not in POST_STEPS[1:] for s in steps[1:])):
-        raise ValueError(f'post-training {post!r}: expected cRT followed by at most one of {POST_STEPS[1:]}, '
-                         f'or one of {BASE_ROW_STEPS} alone')
-    return steps
+    if steps[:1] == ['cRT'] and len(steps) <= 2 and all(s in POST_STEPS[1:] for s in steps[1:]): return steps
+    refits = steps[1:] if steps[:1] == ['TTA'] else steps   # TTA of the base row's own model, then one refit
+    if len(refits) <= 1 and all(s in BASE_ROW_STEPS for s in refits): return steps
+    raise ValueError(f'post-training {post!r}: expected cRT followed by at most one of {POST_STEPS[1:]}, '
+                     f'or TTA, one of {BASE_ROW_STEPS}, or TTA followed by one of them')
 
 # %% ../nbs/11_study.ipynb #13259606
 def register_row(number:int, # the row's number in the table (unique)
@@ -118,7 +118,13 @@ def _register_future_work_rows():
     register_row(19, 'ConvNeXt-Large', 'ldam_drw', post_training='class-temperature', base_rows=[15])
     register_row(20, 'ConvNeXt-Large + SAM', 'ldam_drw', 'convnext_large', options={'sam_rho': 0.05})
 
+def _register_strong_rows():
+    "Rows 21-22: the CXR-LT 2026 winner's backbone and loss (the `strong` preset's rows), and its TTA + Normal gating."
+    register_row(21, 'ConvNeXtV2-Base', 'logit_adjusted_bce', 'convnextv2_base')
+    register_row(22, 'ConvNeXtV2-Base', 'logit_adjusted_bce', post_training='TTA+gating', base_rows=[21])
+
 _register_future_work_rows()
+_register_strong_rows()
 
 # %% ../nbs/11_study.ipynb #043d396f
 def row_backbone(row:Row, # a training row
@@ -368,6 +374,17 @@ def run_row(params:dict, # from `row_parameters`
     return load_json(d/'result.json')
 
 # %% ../nbs/11_study.ipynb #da0b2b5f
+def _refit(step:str, # one of `BASE_ROW_STEPS`
+           predictions:Path, labels:list, out_dir:Path) -> Path:
+    "A prediction file refitted on its `val` rows: per-class F1 thresholds, per-class temperatures or Normal gating."
+    from cxrlt import posttrain as pt
+    if step == 'thresholds':   # the file is shifted so that 0.5 applies the thresholds
+        return Path(pt.threshold_predictions(predictions, 'f1', labels=labels, out=out_dir/'thresholds-f1.csv')['out'])
+    if step == 'class-temperature':
+        return Path(pt.calibrate(predictions, 'class_temperature', labels=labels,
+                                 out=out_dir/'class-temperature.csv')['out'])
+    return Path(pt.gate_predictions(predictions, labels=labels, out=out_dir/'normal-gating.csv')['out'])
+
 def post_train(post:str, # the row's post-training, e.g. 'cRT+TTA' ('' re-scores the base row)
                bases:list, # the base rows' results (from their result.json)
                out_dir, # the row's folder
@@ -378,12 +395,13 @@ def post_train(post:str, # the row's post-training, e.g. 'cRT+TTA' ('' re-scores
     if not steps: return Path(bases[0]['predictions'])
     params = load_json(out_dir/'params.json')['data']
     labels = [p for p in (params['train_csv'], params.get('test_labels_csv')) if p]
-    if steps == ['thresholds']:   # per-class F1 thresholds fitted on val; the file is shifted so 0.5 applies them
-        return Path(pt.threshold_predictions(bases[0]['predictions'], 'f1', labels=labels,
-                                             out=out_dir/'thresholds-f1.csv')['out'])
-    if steps == ['class-temperature']:   # one temperature per class fitted on val
-        return Path(pt.calibrate(bases[0]['predictions'], 'class_temperature', labels=labels,
-                                 out=out_dir/'class-temperature.csv')['out'])
+    if steps[0] != 'cRT':
+        source, refits = Path(bases[0]['predictions']), steps
+        if steps[0] == 'TTA':   # the base row's own model on the preset's views, merged as it says
+            source = Path(pt.tta_predictions(bases[0]['run_dirs'][0], views=preset.tta_views, merge=preset.tta_merge,
+                                             out=out_dir/'tta.csv', progress=False)['out'])
+            refits = steps[1:]
+        return _refit(refits[0], source, labels, out_dir) if refits else source
     crt_files = []
     for b in bases:
         out = out_dir/f"crt-row{b['row']:02d}.csv"

@@ -25,7 +25,9 @@ PINNED = {
     'efficientformerv2_s2': 'efficientformerv2_s2.snap_dist_in1k', 'tf_efficientnetv2_b0': 'tf_efficientnetv2_b0.in1k',
     'convnext_atto': 'convnext_atto.d2_in1k', 'convnext_femto': 'convnext_femto.d1_in1k',
     'densenet121_half': 'densenet121.ra_in1k', 'densenet169_half': 'densenet169.tv_in1k',
+    'convnextv2_atto': 'convnextv2_atto.fcmae_ft_in1k', 'convnextv2_base': 'convnextv2_base.fcmae_ft_in22k_in1k',
 }
+BEYOND_PAPER = {'convnextv2_base': 'convnextv2_atto'}   # the strong preset's backbone and its CPU proxy
 PAPER = {  # name: (paper name, CPU proxy), in the paper's order
     'resnet50': ('ResNet-50', 'resnet10t'), 'resnet101': ('ResNet-101', 'resnet14t'),
     'densenet121': ('DenseNet-121', 'densenet121_half'), 'densenet169': ('DenseNet-169', 'densenet169_half'),
@@ -262,7 +264,8 @@ def test_registry_keeps_the_pinned_names_tags_paper_names_and_proxies():
     assert {n: b.timm_name for n, b in BACKBONES.items()} == PINNED
     assert [b.name for b in paper_backbones()] == list(PAPER)
     assert {b.name: (b.paper_name, b.cpu_proxy) for b in paper_backbones()} == PAPER
-    assert all(b.paper_name is None and b.cpu_proxy is None for b in BACKBONES.values() if b.name not in PAPER)
+    assert all(b.paper_name is None and b.cpu_proxy == BEYOND_PAPER.get(b.name)
+               for b in BACKBONES.values() if b.name not in PAPER)
     assert all(isinstance(b, Backbone) and b.name == n for n, b in BACKBONES.items())
     for name, timm_name in PINNED.items():
         assert timm_name in timm.list_pretrained(timm_name.split('.')[0] + '.*'), name

@@ -34,8 +34,9 @@ def test_rows_train_the_recipe(faithful):
         p = m['params']
         assert m['status'] == 'completed'
         assert (p['batch_size'], p['lr'], p['patience']) == (12, 1e-4, 3)
-        assert p['augment'] == {'hflip': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': [1.0, 1.0],
-                                'brightness': 0.0, 'contrast': 0.0}
+        off = {'hflip': 0.0, 'degrees': 0.0, 'translate': 0.0, 'scale': [1.0, 1.0], 'brightness': 0.0, 'contrast': 0.0,
+               'clahe': 0.0, 'noise': 0.0, 'dropout': 0.0}
+        assert {k: p['augment'][k] for k in off} == off
     p3 = manifest(out, 3)['params']
     assert (p3['loss'], p3['head'], p3['drw_start_epoch']) == ('ldam_drw_as_coded', 'linear', 1)
     assert manifest(out, 1)['params']['loss'] == 'bce'
@@ -117,3 +118,102 @@ def test_dry_run_prints_the_faithful_gpu_plan(tmp_path, capsys):
     from cxrlt.plan import table_plan
     plan = table_plan('faithful', data=d, img_per_s=50)
     assert set(plan.epochs[plan.trains]) == {15} and not (tmp_path/'release'/'runs').exists()
+
+
+# ---------------------------------------------------------------- strong: the CXR-LT 2026 winner's recipe
+@pytest.fixture(scope='module')
+def strong(tmp_path_factory):
+    "The strong recipe's rows (21: ConvNeXtV2 proxy, logit-adjusted BCE; 22: TTA and Normal gating) on smoke data."
+    out = tmp_path_factory.mktemp('strong')
+    assert main(['table', '--preset', 'strong', '--scale', 'smoke', '--out', str(out)]) == 0
+    return out
+
+
+def test_strong_row_trains_the_recipe(strong):
+    out = strong
+    m = manifest(out, 21)
+    p = m['params']
+    assert m['status'] == 'completed'
+    assert (p['backbone'], p['loss'], p['ema_decay'], p['sampler']) == ('convnextv2_atto', 'logit_adjusted_bce', 0.9998,
+                                                                        'repeat_factor')
+    assert (p['augment']['clahe'], p['augment']['noise'], p['augment']['dropout']) == (0.5, 0.02, 0.5)
+    assert p['augment']['hflip'] == 0.5 and p['augment']['degrees'] == 10.0
+    (cache_dir,) = (out/'data').glob('cache-train-32-*')
+    assert json.loads((cache_dir/'cache.json').read_text())['windowing'] == 'percentile'
+    results = pd.read_csv(out/'results.csv')
+    assert set(results.row) == {21, 22} and set(results.preset) == {'strong@smoke'}
+
+
+def test_strong_post_training_is_logit_tta_then_gating_fitted_on_val(strong):
+    "Row 22: six views of row 21's model averaged in logit space, then p_c·(1 − p_Normal)^α with α chosen on val."
+    from scipy.special import expit, log_expit
+    from cxrlt.labels import CLASSES
+    from cxrlt.posttrain import log_odds, read_predictions
+    from cxrlt.presets import STRONG_TTA_VIEWS
+    out = strong
+    d = out/'rows'/'row22'
+    tta = json.loads((d/'tta.json').read_text())['params']
+    assert tta['views'] == list(STRONG_TTA_VIEWS) and tta['merge'] == 'logit' and len(tta['views']) == 6
+    gating = json.loads((d/'normal-gating.json').read_text())['params']
+    alpha = gating['alpha']
+    assert gating['fitted_on'] == 'val' and alpha in [round(a, 1) for a in np.arange(0, 4.0001, 0.1)]
+    assert gating['val_mAP_by_alpha'][str(alpha)] == max(gating['val_mAP_by_alpha'].values())
+    ell = log_odds(read_predictions(d/'tta.csv'))
+    gated = read_predictions(d/'normal-gating.csv')[CLASSES].to_numpy()
+    n = CLASSES.index('Normal')
+    p = expit(ell)
+    expected = p * np.exp(alpha * log_expit(-ell[:, [n]]))   # p_c (1 - p_Normal)^alpha, by hand in float64
+    expected[:, n] = p[:, n]
+    np.testing.assert_allclose(gated, expected, rtol=0, atol=1e-9)
+    r22 = json.loads((d/'result.json').read_text())
+    assert r22['predictions'].endswith('normal-gating.csv')
+
+
+def test_repeat_factor_sampler_shards_one_draw_over_ranks():
+    "Under DDP each rank takes its share of the same epoch's draw: together they are the single-process draw."
+    from cxrlt.samplers import RepeatFactorSampler
+    y = (np.random.default_rng(0).random((200, 30)) < 0.05).astype(int)
+    one = list(RepeatFactorSampler(y, num_samples=300, seed=3))
+    parts = [list(RepeatFactorSampler(y, num_samples=300, seed=3, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert parts[0] == one[0::2] and parts[1] == one[1::2] and len(set(one)) < len(one)   # repeats, split by rank
+
+
+def test_strong_results_page_and_explorer(strong, tmp_path):
+    from cxrlt.site import results_page
+    build = tmp_path/'build'
+    build.mkdir()
+    assert results_page(strong, ROOT, build, n_bootstrap=5) is None
+    assert main(['cam', '--run', str(strong/'runs'), '--n_images', '1', '--classes', 'cardiomegaly', '--device', 'cpu',
+                 '--out', str(tmp_path/'cam')]) == 0
+    assert {m.split('-')[0] for m in pd.read_csv(tmp_path/'cam'/'cams.csv').model} == {'row21'}
+
+
+def test_dry_run_prints_the_strong_gpu_plan(tmp_path, capsys):
+    from conftest import tiny_challenge
+    d = tiny_challenge(tmp_path/'release', n_train=96, n_test=24)
+    (d/'train.csv').rename(d/'CXRLT_2026_training.csv')
+    (d/'test.csv').rename(d/'CXRLT_2026_TEST_ALL_TASK1.csv')
+    assert main(['table', '--preset', 'strong', '--data', str(d), '--dry-run', '--img_per_s', '50']) == 0
+    text = capsys.readouterr().out
+    assert 'strong preset: 2 rows, 1 trainings' in text and 'convnextv2_base' in text, text
+    from cxrlt.plan import table_plan
+    plan = table_plan('strong', data=d, img_per_s=50)
+    assert plan.gpu_hours[22] > 0 and plan.epochs[21] == 20
+
+
+def test_new_augmentation_keys_keep_names_and_resumes_of_earlier_runs(tmp_path):
+    "Runs named and stored before CLAHE, noise and dropout existed keep their names and resume (the keys at 0)."
+    from cxrlt.core import save_json
+    from cxrlt.train import LATER_AUGMENT_KEYS, TrainConfig, stored_run_problems
+    # the names the version before these keys gave (computed with it)
+    assert TrainConfig(lr=3e-3).resolved_run_name() == 'resnet10t-bce-249baed4'
+    assert TrainConfig(lr=3e-3, augment={'hflip': 0}).resolved_run_name() == 'resnet10t-bce-32e453af'
+    assert TrainConfig(lr=3e-3, augment={'clahe': 0.5}).resolved_run_name() != 'resnet10t-bce-249baed4'
+    cfg = TrainConfig(lr=3e-3, augment={'hflip': 0}, out_dir=tmp_path)
+    old = cfg.to_dict()
+    old['augment'] = {k: v for k, v in old['augment'].items() if k not in LATER_AUGMENT_KEYS}
+    run = tmp_path/cfg.resolved_run_name()
+    run.mkdir()
+    save_json({'status': 'running', 'params': old}, run/'manifest.json')
+    assert stored_run_problems(run, cfg) == []
+    assert stored_run_problems(run, TrainConfig(lr=3e-3, augment={'hflip': 0, 'noise': 0.1}, out_dir=tmp_path))

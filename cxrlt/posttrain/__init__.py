@@ -10,8 +10,9 @@ __all__ = ['LOGIT_COLUMNS', 'SPLIT_NAMES', 'PredictionFileError', 'read_predicti
            'parse_tta_view', 'black_level', 'tta_views', 'merge_views', 'tta_log_odds', 'tta_predictions',
            'FEATURES_FORMAT', 'train_classifier', 'tau_normalize', 'extract_features', 'checkpoint_fingerprint',
            'feature_cache', 'load_features', 'crt', 'load_crt_model', 'crt_tta_predictions', 'LOSS_COUNTS',
-           'CRT_TRAIN_VIEWS', 'TAU_GRID', 'tau_norm', 'CODE_MAX_BYTES', 'DATA_SUFFIXES', 'SubmissionError',
-           'validate_submission', 'submission_table', 'code_files', 'write_submission', 'submit_cli']
+           'CRT_TRAIN_VIEWS', 'TAU_GRID', 'tau_norm', 'NORMAL', 'GATING_ALPHAS', 'normal_gate', 'fit_gating_alpha',
+           'gate_predictions', 'CODE_MAX_BYTES', 'DATA_SUFFIXES', 'SubmissionError', 'validate_submission',
+           'submission_table', 'code_files', 'write_submission', 'submit_cli']
 
 # %% ../../nbs/08_posttrain.ipynb #e98db7de
 from cxrlt.posttrain.predictions import (LOGIT_COLUMNS, SPLIT_NAMES, PredictionFileError, read_predictions,
@@ -27,6 +28,7 @@ from .tta import (TTA_VIEWS, parse_tta_view, black_level,
 from .retrain import (FEATURES_FORMAT, train_classifier, tau_normalize, extract_features,
     checkpoint_fingerprint, feature_cache, load_features, crt, load_crt_model, crt_tta_predictions, LOSS_COUNTS,
     CRT_TRAIN_VIEWS, TAU_GRID, tau_norm)
+from .gating import NORMAL, GATING_ALPHAS, normal_gate, fit_gating_alpha, gate_predictions
 from .submit import (CODE_MAX_BYTES, DATA_SUFFIXES, SubmissionError, validate_submission,
     submission_table, code_files, write_submission, submit_cli)
 
@@ -39,6 +41,7 @@ _all_ = ['LOGIT_COLUMNS', 'SPLIT_NAMES', 'PredictionFileError', 'read_prediction
          'parse_tta_view', 'black_level', 'tta_views', 'merge_views', 'tta_log_odds', 'tta_predictions',
          'FEATURES_FORMAT', 'train_classifier', 'tau_normalize', 'extract_features', 'checkpoint_fingerprint',
          'feature_cache', 'load_features', 'crt', 'load_crt_model', 'crt_tta_predictions', 'LOSS_COUNTS',
-         'CRT_TRAIN_VIEWS', 'TAU_GRID', 'tau_norm', 'CODE_MAX_BYTES',
+         'CRT_TRAIN_VIEWS', 'TAU_GRID', 'tau_norm', 'NORMAL', 'GATING_ALPHAS', 'normal_gate', 'fit_gating_alpha',
+         'gate_predictions', 'CODE_MAX_BYTES',
          'DATA_SUFFIXES',
          'SubmissionError', 'validate_submission', 'submission_table', 'code_files', 'write_submission', 'submit_cli']
