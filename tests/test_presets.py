@@ -183,6 +183,8 @@ def test_strong_results_page_and_explorer(strong, tmp_path):
     build = tmp_path/'build'
     build.mkdir()
     assert results_page(strong, ROOT, build, n_bootstrap=5) is None
+    page = (build/'results.ipynb').read_text()
+    assert 'ConvNeXtV2-Base' in page and 'TTA+gating' in page and "winner's recipe" in page
     assert main(['cam', '--run', str(strong/'runs'), '--n_images', '1', '--classes', 'cardiomegaly', '--device', 'cpu',
                  '--out', str(tmp_path/'cam')]) == 0
     assert {m.split('-')[0] for m in pd.read_csv(tmp_path/'cam'/'cams.csv').model} == {'row21'}
