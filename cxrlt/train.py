@@ -2,8 +2,8 @@
 
 # %% auto #0
 __all__ = ['LATER_AUGMENT_KEYS', 'SAMPLERS', 'TRAIN_RANGES', 'RESUME_MAY_CHANGE', 'cosine_warmup_factor', 'unwrap',
-           'train_one_epoch', 'predict_logits', 'TrainConfig', 'training_data', 'test_data', 'CheckpointSaver',
-           'stored_run_problems', 'fit', 'train_cli']
+           'train_one_epoch', 'predict_logits', 'TrainConfig', 'training_data', 'test_data', 'stored_run_problems',
+           'fit', 'train_cli']
 
 # %% ../nbs/07_train.ipynb #f211d209
 import contextlib, dataclasses, functools, math, os, time
@@ -14,20 +14,20 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from fastcore.basics import patch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (Config, atomic_write, check_ranges, end_run, load_checkpoint, load_json, log_to_file, logger,
-                        param_changes, save_checkpoint, save_csv, save_json, seed_everything, start_run,
-                        with_defaults)
+from .core import (Config, atomic_write, check_ranges, end_run, load_json, log_to_file, logger, param_changes,
+                        save_csv, save_json, seed_everything, start_run, with_defaults)
 from .checks import changed_inputs, check_inputs, input_fingerprints, raise_on_problems
 from .losses import finish_target_checks
 from .devices import CompiledOrEager, amp_dtype, autocast_for, describe_settings, device_settings
 from .distributed import (broadcast_from_rank0, epoch_generator, gather_to_rank0, init_distributed, rank_seed,
-                               rng_state, set_rng_state)
+                               rng_state)
 from .labels import CLASSES
 from .sam import _is_sam, _sam_refusal, _sam_second_pass, sam_optimizer
+from .checkpoints import (CheckpointSaver, _best_epoch_phase, _new_state, _record_epoch, _should_stop,
+                               _start_phase)
 
 # %% ../nbs/07_train.ipynb #af2bb47d
 def cosine_warmup_factor(step:int, # optimizer steps taken so far
@@ -370,96 +370,6 @@ def _predictions_frame(ids, split:str, log_odds:np.ndarray) -> pd.DataFrame:
     "A split's rows of `predictions.csv`: probabilities σ(ℓ) and, as `logit:` columns, the log-odds ℓ themselves."
     from cxrlt.posttrain.predictions import prediction_frame
     return prediction_frame(ids, split, log_odds)
-
-# %% ../nbs/07_train.ipynb #af2ed4b1
-class CheckpointSaver:
-    "`last.pt` (all that resumes training exactly) after each epoch, `best.pt` (evaluated weights) on improvement."
-    def __init__(self, run_dir, # the run directory
-                 model:nn.Module, optimizer, scheduler, # what trains
-                 scaler=None, # the float16 gradient scaler, if any
-                 ema=None, # the timm `ModelEmaV3`, if any: its weights are the ones evaluated and kept as best
-                ):
-        self.run_dir, self.model, self.optimizer, self.scheduler = Path(run_dir), model, optimizer, scheduler
-        self.scaler, self.ema = scaler, ema
-        self.last, self.best = self.run_dir/'last.pt', self.run_dir/'best.pt'
-
-    @property
-    def evaluated(self) -> nn.Module:
-        "The model whose weights are evaluated: the EMA's when there is one."
-        return self.ema.module if self.ema is not None else self.model
-
-# %% ../nbs/07_train.ipynb #a02cbc28
-@patch
-def save(self:CheckpointSaver, state:dict, # the training state (epoch, best, history, ...) after an epoch
-         improved:bool, # whether this epoch's validation mAP is the best so far
-         rngs:list=None, # every rank's `rng_state()` (default: this process's)
-        ):
-    "Write `best.pt` when `improved`, then `last.pt`."
-    if improved:
-        save_checkpoint({'model': self.evaluated.state_dict(), 'epoch': state['epoch'], 'val_mAP': state['best_map'],
-                         'selected_on': 'val', 'model_config': self.model.cxrlt_config}, self.best)
-    ck = {'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
-          'scheduler': self.scheduler.state_dict(), 'state': state, 'rng': rngs or [rng_state()]}
-    if self.scaler is not None: ck['scaler'] = self.scaler.state_dict()
-    if self.ema is not None: ck['ema'] = self.ema.module.state_dict()
-    save_checkpoint(ck, self.last)
-
-# %% ../nbs/07_train.ipynb #bd46fe9d
-@patch
-def resume(self:CheckpointSaver, device, rank:int=0) -> Optional[dict]:
-    "Load `last.pt` into every object and restore this rank's generators; the saved training state, or None."
-    if not self.last.exists(): return None
-    ck = load_checkpoint(self.last, map_location=device)
-    self.model.load_state_dict(ck['model'])
-    self.optimizer.load_state_dict(ck['optimizer'])
-    self.scheduler.load_state_dict(ck['scheduler'])
-    if self.scaler is not None: self.scaler.load_state_dict(ck['scaler'])
-    if self.ema is not None: self.ema.module.load_state_dict(ck['ema'])
-    set_rng_state(_rank_rng(ck['rng'], rank))
-    return ck['state']
-
-def _rank_rng(saved, rank:int) -> dict:
-    "This rank's saved generator states (a checkpoint from fewer processes: rank 0's, reseeded after, logged)."
-    if isinstance(saved, dict): return saved   # written before generator states were kept per rank
-    if rank < len(saved): return saved[rank]
-    logger.warning(f'last.pt holds generator states of {len(saved)} processes; rank {rank} continues from rank 0\'s')
-    return saved[0]
-
-# %% ../nbs/07_train.ipynb #395f8445
-@patch
-def load_best(self:CheckpointSaver, device) -> dict:
-    "Load `best.pt`'s weights into the model; returns the checkpoint."
-    best = load_checkpoint(self.best, map_location=device)
-    self.model.load_state_dict(best['model'])
-    return best
-
-# %% ../nbs/07_train.ipynb #d94a68e6
-def _new_state() -> dict: return {'epoch': 0, 'best_map': -math.inf, 'best_epoch': -1, 'bad_epochs': 0, 'history': []}
-
-# %% ../nbs/07_train.ipynb #e8240a7e
-def _record_epoch(state:dict, row:dict) -> bool:
-    "Add an epoch's history row (with its `val_mAP`) to `state`; whether it is the best epoch so far."
-    state['history'].append(row)
-    improved = row['val_mAP'] > state['best_map']
-    if improved: state.update(best_map=row['val_mAP'], best_epoch=row['epoch'], bad_epochs=0)
-    else: state['bad_epochs'] += 1
-    state['epoch'] = row['epoch']
-    return improved
-
-# %% ../nbs/07_train.ipynb #5d99d1a4
-def _should_stop(state:dict, patience:Optional[int], epoch:int=0, drw_start_epoch:Optional[int]=None) -> bool:
-    "Whether `patience` bad epochs came in a row before 0-based `epoch`; never before DRW starts."
-    if drw_start_epoch is not None and epoch < drw_start_epoch: return False
-    return state['bad_epochs'] >= (patience or math.inf)
-
-def _start_phase(state:dict, epoch:int, drw_start_epoch:Optional[int]):
-    "At the DRW epoch, count bad epochs afresh."
-    if epoch == drw_start_epoch: state['bad_epochs'] = 0
-
-def _best_epoch_phase(best_epoch:int, drw_start_epoch:Optional[int]) -> Optional[str]:
-    "'before DRW' or 'after DRW' for the (1-based) best epoch; None without DRW."
-    if drw_start_epoch is None: return None
-    return 'after DRW' if best_epoch > drw_start_epoch else 'before DRW'
 
 # %% ../nbs/07_train.ipynb #f8dc1a7a
 RESUME_MAY_CHANGE = ('progress',)   # config keys a rerun may change: they do not change what is trained
