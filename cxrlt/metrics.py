@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from .core import save_csv, save_json
 from .labels import CLASSES
-from .views import _ViewScorer, _scored_view_masks, _view_summary
+from .views import _ViewScorer, _nan_mean, _scored_view_masks, _view_summary
 
 # %% ../nbs/06_metrics.ipynb #5bb00883
 def _names(a, n_cols:int, classes) -> list:
@@ -304,18 +304,13 @@ def _per_class_table(t:np.ndarray, p:np.ndarray, th:np.ndarray, names:list, sums
                         index=pd.Index(names, name='class'))
 
 # %% ../nbs/06_metrics.ipynb #2263f3ea
-def _mean(x:np.ndarray) -> float:
-    "Mean of the values that are not NaN; NaN when there are none."
-    x = x[~np.isnan(x)]
-    return float(x.mean()) if len(x) else float('nan')
-
 _POLICY = ('classes without positives are excluded from macro and group means (AP, AUC, F1 NaN); '
            'ECE covers all classes')
 
 def _macro_summary(table:pd.DataFrame, ece:float, n_samples:int) -> dict:
     "Macro means of the per-class table, the pooled ECE, counts and the classes left out of the means."
     names, excluded, auc = list(table.index), table['excluded'].to_numpy(), table['AUC'].to_numpy()
-    return {'mAP': _mean(table['AP'].to_numpy()), 'mAUC': _mean(auc), 'mF1': _mean(table['F1'].to_numpy()),
+    return {'mAP': _nan_mean(table['AP'].to_numpy()), 'mAUC': _nan_mean(auc), 'mF1': _nan_mean(table['F1'].to_numpy()),
             'ECE': ece, 'n_samples': n_samples, 'n_classes': len(names), 'n_classes_scored': int((~excluded).sum()),
             'excluded_classes': [c for c, e in zip(names, excluded) if e],
             'auc_undefined_classes': [c for c, a, e in zip(names, auc, excluded) if np.isnan(a) and not e],
@@ -349,7 +344,8 @@ def _add_group_means(table:pd.DataFrame, summary:dict, groups):
     ap, auc, f1, excluded = (table[k].to_numpy() for k in ('AP', 'AUC', 'F1', 'excluded'))
     for name in _group_names(g):
         m = g == name
-        summary.update({f'{name}_mAP': _mean(ap[m]), f'{name}_mAUC': _mean(auc[m]), f'{name}_mF1': _mean(f1[m]),
+        summary.update({f'{name}_mAP': _nan_mean(ap[m]), f'{name}_mAUC': _nan_mean(auc[m]),
+                        f'{name}_mF1': _nan_mean(f1[m]),
                         f'{name}_n_classes_scored': int((m & ~excluded).sum())})
 
 # %% ../nbs/06_metrics.ipynb #98bcbcb5
@@ -435,8 +431,8 @@ def _macro(scores:tuple, # per-class AP, AUC, F1 and the pooled ECE (`_MacroScor
           ) -> dict:
     "mAP, mAUC and mF1 over the classes in `keep` (mAUC also skips those without negatives), the ECE, group mAPs."
     ap, auc, f1, ece = scores
-    return {'mAP': _mean(ap[keep]), 'mAUC': _mean(auc[keep]), 'mF1': _mean(f1[keep]), 'ECE': ece,
-            **{f'{name}_mAP': _mean(ap[keep & in_group]) for name, in_group in groups}}
+    return {'mAP': _nan_mean(ap[keep]), 'mAUC': _nan_mean(auc[keep]), 'mF1': _nan_mean(f1[keep]), 'ECE': ece,
+            **{f'{name}_mAP': _nan_mean(ap[keep & in_group]) for name, in_group in groups}}
 
 # %% ../nbs/06_metrics.ipynb #51dc6612
 class _MacroScorer:

@@ -28,6 +28,7 @@ def _images_after_removal(files:dict) -> int:
 # %% ../nbs/11b_plan.ipynb #7d93b4a9
 def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> float:
     "Estimated GPU-hours of one row: its training epochs, or its post-training passes, at `rate` training img/s."
+    from cxrlt.posttrain.tta import TTA_VIEWS   # the views cRT+TTA runs
     if not rate: return np.nan
     infer = 3 * rate   # inference runs about three times as fast as a training step
     if row.trains:
@@ -37,7 +38,8 @@ def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> flo
         steps = check_post_training(row.post_training)          # the refits (BASE_ROW_STEPS) read a file: no GPU
         crt = steps[:1] == ['cRT']
         seconds = len(row.base_rows) * (crt_views * n['train'] + n['eval']) / infer if crt else 0.0
-        if 'TTA' in steps: seconds += (2 if crt else len(preset.tta_views)) * n['eval'] / infer   # TTA's views
+        views = len(TTA_VIEWS) if crt else len(preset.tta_views)   # cRT+TTA flips; TTA runs the preset's views
+        if 'TTA' in steps: seconds += views * n['eval'] / infer
     return seconds / 3600
 
 # %% ../nbs/11b_plan.ipynb #bb7400bf
@@ -62,8 +64,9 @@ def table_plan(preset:str, # a `PRESETS` name
     for r in row_plan(p.rows if rows is None else rows):
         row = ROWS[r]
         name = row_backbone(row, p) if row.trains else row_backbone(ROWS[row.base_rows[0]], p)
-        rate = rates.get((name, p.image_size), img_per_s)
-        loss = row_loss(row, p) if row.trains else row.loss
+        bare = name.partition('.')[0]   # the benchmark names backbones without their weight tag
+        rate = rates.get((name, p.image_size), rates.get((bare, p.image_size), img_per_s))
+        loss = row_loss(row, p)
         recs.append({'row': r, 'model': row.model, 'loss': loss, 'post_training': row.post_training,
                      'backbone': name, 'trains': row.trains, 'images_per_epoch': n['train'] if row.trains else 0,
                      'epochs': p.epochs if row.trains else 0, 'img_per_s': rate,

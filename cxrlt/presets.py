@@ -59,7 +59,7 @@ PRESETS = {p.name: p for p in [
            rows=tuple(range(1, 18))),
     Preset(name='strong', synthetic=None, image_size=512, epochs=20, batch_size=32, lr=1e-4, proxies=False,
            pretrained=True, n_bootstrap=1000, crt_epochs=10, warmup_epochs=1.0, windowing='percentile',
-           augment={'clahe': 0.5, 'noise': 0.02, 'dropout': 0.5, 'dropout_holes': 8, 'dropout_size': 0.1},
+           augment={'clahe': 0.5, 'noise': 0.02, 'dropout': 0.5},
            train_options={'ema_decay': 0.9998, 'sampler': 'repeat_factor'}, tta_views=STRONG_TTA_VIEWS,
            tta_merge='logit', rows=(21, 22)),
 ]}

@@ -137,7 +137,7 @@ def row_backbone(row:Row, # a training row
     tag = (preset.weights or {}).get(b.name)
     return f'{b.name}.{tag}' if tag else b.name
 
-def row_loss(row:Row, # a training row
+def row_loss(row:Row, # a row of the table (a post-training row: the loss its base rows trained)
              preset:Preset) -> str:
     "The `cxrlt.losses` name a row trains under `preset`: its loss, or the one the preset's recipe puts in its place."
     return (preset.losses or {}).get(row.loss, row.loss)
@@ -333,6 +333,8 @@ def execute_notebook(notebook, # the notebook to run
 def row_dir(table_dir, row:int) -> Path: return Path(table_dir)/'rows'/f'row{row:02d}'
 
 # %% ../nbs/11_study.ipynb #1ea2ac8f
+_NOT_IN_ROW_HASH = ('rows', 'workers')   # which rows a table runs and how many at once leave each row's result be
+
 def row_parameters(row:int, preset:Preset, data:dict, table_dir, overrides:dict=None, base_hashes:dict=None) -> dict:
     "Everything that determines a row's result (the challenge files by content too), and its content hash."
     from cxrlt.checks import file_fingerprint
@@ -344,7 +346,8 @@ def row_parameters(row:int, preset:Preset, data:dict, table_dir, overrides:dict=
          'overrides': (overrides or {}).get(row, {}),
          'base_hashes': {str(b): (base_hashes or {}).get(b) for b in r.base_rows}}
     if r.trains: p['config'] = training_config(row, preset, data, table_dir, p['overrides'])
-    p['hash'] = hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    hashed = {**p, 'preset': {k: v for k, v in p['preset'].items() if k not in _NOT_IN_ROW_HASH}}
+    p['hash'] = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return p
 
 # %% ../nbs/11_study.ipynb #6158a412
@@ -383,7 +386,9 @@ def _refit(step:str, # one of `BASE_ROW_STEPS`
     if step == 'class-temperature':
         return Path(pt.calibrate(predictions, 'class_temperature', labels=labels,
                                  out=out_dir/'class-temperature.csv')['out'])
-    return Path(pt.gate_predictions(predictions, labels=labels, out=out_dir/'normal-gating.csv')['out'])
+    if step == 'gating':
+        return Path(pt.gate_predictions(predictions, labels=labels, out=out_dir/'normal-gating.csv')['out'])
+    raise ValueError(f'unknown refit step {step!r}: one of {list(BASE_ROW_STEPS)}')
 
 def post_train(post:str, # the row's post-training, e.g. 'cRT+TTA' ('' re-scores the base row)
                bases:list, # the base rows' results (from their result.json)
@@ -512,12 +517,12 @@ def _finish_job(row, job, status, table_dir):
 # %% ../nbs/11_study.ipynb #1306415d
 def _row_label(r:Row, preset:Preset) -> str:
     "The row last started, as the progress bar shows it: number, model, loss, post-training, the backbone trained."
-    trained = row_loss(r, preset) if r.trains else r.loss
+    trained = row_loss(r, preset)
     loss = {v: k for k, v in PAPER_LOSSES.items()}.get(trained, trained)
     trains = f' [{row_backbone(r, preset)}]' if r.trains else ''
     return f'row {r.number}: {r.model} · {loss}{" · " + r.post_training if r.post_training else ""}{trains}'
 
-def run_table(preset:str='smoke', # a `cxrlt.presets.PRESETS` name: 'smoke', 'demo', 'paper', 'faithful'
+def run_table(preset:str='smoke', # a `cxrlt.presets.PRESETS` name: 'smoke', 'demo', 'paper', 'faithful', 'strong'
               rows=None, # rows of the table (default: the preset's); their base rows are added
               executor:str='local', # 'local' (this process), 'submitit-local' (one process per row) or 'slurm'
               data=None, # the CXR-LT 2026 folder (required by the paper preset)
@@ -604,7 +609,7 @@ def collect_results(table_dir) -> pd.DataFrame:
     return df
 
 # %% ../nbs/11_study.ipynb #e8a1c743
-def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (CPU proxies), 'paper', 'faithful' (real, GPUs)
+def table_cli(preset:str='smoke', # 'smoke' (tiny synthetic), 'demo' (CPU proxies), 'paper', 'faithful', 'strong' (GPUs)
               rows:str=None, # comma-separated rows of the table, e.g. '1,3,4' (default: the preset's)
               executor:str='local', # 'local', 'submitit-local' or 'slurm'
               data:str=None, # folder with the CXR-LT 2026 files and images (paper preset)

@@ -157,14 +157,26 @@ def test_strong_post_training_is_logit_tta_then_gating_fitted_on_val(strong):
     gating = json.loads((d/'normal-gating.json').read_text())['params']
     alpha = gating['alpha']
     assert gating['fitted_on'] == 'val' and alpha in [round(a, 1) for a in np.arange(0, 4.0001, 0.1)]
-    assert gating['val_mAP_by_alpha'][str(alpha)] == max(gating['val_mAP_by_alpha'].values())
-    ell = log_odds(read_predictions(d/'tta.csv'))
+    tta_frame = read_predictions(d/'tta.csv')
+    ell = log_odds(tta_frame)
     gated = read_predictions(d/'normal-gating.csv')[CLASSES].to_numpy()
     n = CLASSES.index('Normal')
-    p = expit(ell)
-    expected = p * np.exp(alpha * log_expit(-ell[:, [n]]))   # p_c (1 - p_Normal)^alpha, by hand in float64
-    expected[:, n] = p[:, n]
-    np.testing.assert_allclose(gated, expected, rtol=0, atol=1e-9)
+
+    def gate(ell, a):   # p_c (1 - p_Normal)^alpha, by hand in float64; Normal itself unchanged
+        p = expit(ell)
+        q = p * np.exp(a * log_expit(-ell[:, [n]]))
+        q[:, n] = p[:, n]
+        return q
+    np.testing.assert_allclose(gated, gate(ell, alpha), rtol=0, atol=1e-9)
+    # alpha is the grid's first best validation macro AP, recomputed with scikit-learn
+    from sklearn.metrics import average_precision_score
+    val = (tta_frame.split == 'val').to_numpy()
+    train = pd.read_csv(next((out/'data').glob('synthetic-*'))/'CXRLT_2026_training.csv').set_index('ImageID')
+    y = train.loc[tta_frame.ImageID[val], CLASSES].to_numpy()
+    grid = [round(a, 1) for a in np.arange(0, 4.0001, 0.1)]
+    aps = np.array([np.mean([average_precision_score(y[:, c], q[:, c]) for c in range(len(CLASSES)) if y[:, c].any()])
+                    for q in (gate(ell[val], a) for a in grid)])
+    assert alpha == grid[int(np.flatnonzero(aps >= aps.max() - 1e-9)[0])], (alpha, aps.round(4))
     r22 = json.loads((d/'result.json').read_text())
     assert r22['predictions'].endswith('normal-gating.csv')
 
@@ -202,6 +214,26 @@ def test_dry_run_prints_the_strong_gpu_plan(tmp_path, capsys):
     plan = table_plan('strong', data=d, img_per_s=50)
     assert plan.gpu_hours[22] > 0 and plan.epochs[21] == 20
 
+
+
+def test_faithful_plan_finds_the_throughput_of_backbones_with_weight_tags(tmp_path):
+    "The faithful recipe trains 'resnet50.tv_in1k' and others; the benchmark names the bare backbone: it is found."
+    from conftest import tiny_challenge
+    from cxrlt.models import paper_backbones
+    from cxrlt.plan import table_plan
+    d = tiny_challenge(tmp_path/'release', n_train=96, n_test=24)
+    (d/'train.csv').rename(d/'CXRLT_2026_training.csv')
+    (d/'test.csv').rename(d/'CXRLT_2026_TEST_ALL_TASK1.csv')
+    rates = {b.name: 10.0 * (i + 1) for i, b in enumerate(paper_backbones())}
+    report = {'results': [{'model': n, 'size': 512, 'status': 'ok', 'img_s': r} for n, r in rates.items()]}
+    (tmp_path/'throughput.json').write_text(json.dumps(report))
+    plan = table_plan('faithful', data=d, throughput=tmp_path/'throughput.json')
+    trained = plan[plan.trains]
+    assert trained.backbone.str.contains('.', regex=False).any()   # weight tags are there
+    assert [rates[b.partition('.')[0]] for b in trained.backbone] == list(trained.img_per_s)
+    assert trained.gpu_hours.notna().all() and (trained.gpu_hours > 0).all()
+    assert main(['table', '--preset', 'faithful', '--data', str(d), '--dry-run',
+                 '--throughput', str(tmp_path/'throughput.json')]) == 0
 
 def test_new_augmentation_keys_keep_names_and_resumes_of_earlier_runs(tmp_path):
     "Runs named and stored before CLAHE, noise and dropout existed keep their names and resume (the keys at 0)."

@@ -76,6 +76,22 @@ def test_rerun_skips_finished_rows(smoke_table):
     assert (out/'rows'/'row03'/'result.json').stat().st_mtime_ns == before
 
 
+
+def test_row_hash_ignores_which_rows_run_and_how_many_at_once(smoke_table):
+    "A row is reused when another selection of rows or another number of workers runs; a recipe change reruns it."
+    import dataclasses
+    from cxrlt.presets import get_preset
+    from cxrlt.study import _refit, row_parameters, table_data
+    out, _ = smoke_table
+    p = get_preset('smoke')
+    data = table_data(p, out, progress=False)
+    h = lambda q: row_parameters(3, q, data, out)['hash']
+    stored = json.loads((out/'rows'/'row03'/'result.json').read_text())['hash']
+    assert h(p) == h(dataclasses.replace(p, rows=(3,), workers=4)) == stored
+    assert h(dataclasses.replace(p, epochs=p.epochs + 1)) != stored
+    with pytest.raises(ValueError, match="unknown refit step 'bogus'"):
+        _refit('bogus', out/'rows'/'row03'/'none.csv', [], out)
+
 def test_submitit_local_runs_dependent_rows(smoke_table, tmp_path):
     from cxrlt.study import run_table
     s = run_table('smoke', [4], executor='submitit-local', out=tmp_path/'t', progress=False)

@@ -33,16 +33,15 @@ def normal_gate(log_odds, # (N, 30) log-odds, columns in `CLASSES` order
 # %% ../../nbs/08g_gating.ipynb #28b27e95
 def _macro_ap(y:np.ndarray, ell:np.ndarray) -> float:
     "Macro AP over the classes with a positive in `y`."
-    from cxrlt.metrics import average_precision_and_auc
-    ap = average_precision_and_auc(y, expit(ell))[0]
-    return float(np.nanmean(ap)) if np.isfinite(ap).any() else float('nan')
+    from cxrlt.metrics import _nan_mean, average_precision_and_auc
+    return _nan_mean(average_precision_and_auc(y, expit(ell))[0])
 
 def fit_gating_alpha(labels, # (N, 30) validation labels, 0/1
                      log_odds, # (N, 30) validation log-odds
                      alphas=GATING_ALPHAS, # the grid
                     ) -> tuple:
     "The α of the grid with the highest validation macro AP (the smallest on ties), and the AP of every α."
-    y = np.asarray(labels)
+    y, alphas = np.asarray(labels), sorted(alphas)   # sorted: idxmax takes the first of equal scores
     if not y[:, NORMAL].any():
         raise ValueError("gating needs validation images labelled 'Normal' to choose alpha; none are")
     scores = pd.Series([_macro_ap(y, normal_gate(log_odds, a)) for a in alphas], index=pd.Index(alphas, name='alpha'),
