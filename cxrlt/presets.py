@@ -47,8 +47,8 @@ STRONG_TTA_VIEWS = ('identity', 'hflip', 'scale=0.9', 'hflip+scale=0.9', 'scale=
 PRESETS = {p.name: p for p in [
     Preset(name='smoke', synthetic='tiny', image_size=32, epochs=2, batch_size=16, lr=3e-3, proxies=True,
            pretrained=False, n_bootstrap=20, crt_epochs=3, threads=1, crt_train_views=1),
-    Preset(name='demo', synthetic='demo', image_size=64, epochs=2, batch_size=16, lr=3e-3, proxies=True,
-           pretrained=False, n_bootstrap=200, crt_epochs=5, max_batches_per_epoch=100, warmup_epochs=0.3,
+    Preset(name='demo', synthetic='demo', image_size=64, epochs=3, batch_size=32, lr=4e-3, proxies=True,
+           pretrained=False, n_bootstrap=200, crt_epochs=5, warmup_epochs=0.3,
            threads=1, workers=2, crt_train_views=1, augment={**_NO_AUGMENTATION, 'hflip': 0.5}),
     Preset(name='paper', synthetic=None, image_size=512, epochs=20, batch_size=32, lr=1e-4, proxies=False,
            pretrained=True, n_bootstrap=1000, crt_epochs=10, warmup_epochs=1.0),
