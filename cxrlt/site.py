@@ -63,6 +63,13 @@ def _is_show_doc(cell) -> bool:
     code = [s for s in cell.source.splitlines() if not s.startswith('#|')]
     return bool(code) and code[0].startswith('show_doc(')
 
+def _failing_line(exc, source:str) -> str:
+    "The line of a cell where `exc` was raised (its traceback's first frame in the cell), else its first code line."
+    tb, lines = exc.__traceback__, source.splitlines()
+    while tb is not None and not tb.tb_frame.f_code.co_filename.startswith('<ipython-input-'): tb = tb.tb_next
+    if tb is not None and 0 < tb.tb_lineno <= len(lines): return lines[tb.tb_lineno - 1].strip()
+    return next((s for s in lines if not s.startswith('#|')), '')
+
 class _ExecuteCells:
     "In place of nbdev's `exec_show_docs`: run every cell nbdev_test runs (and each `show_doc`), keeping outputs."
     def __init__(self, shell, flags:set, api_only:bool=False):
@@ -78,7 +85,7 @@ class _ExecuteCells:
         self.k.cell(cell)
         if self.k.exc is None: return
         cell.outputs = [o for o in cell.outputs if o.get('output_type') != 'error']
-        line = next((s for s in cell.source.splitlines() if not s.startswith('#|')), '')
+        line = _failing_line(self.k.exc, cell.source)
         self.error = f'`{line[:80]}` ({type(self.k.exc).__name__}: {str(self.k.exc).splitlines()[0][:160]})' \
             if str(self.k.exc) else f'`{line[:80]}` ({type(self.k.exc).__name__})'
 
