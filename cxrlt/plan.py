@@ -28,7 +28,6 @@ def _images_after_removal(files:dict) -> int:
 # %% ../nbs/11b_plan.ipynb #7d93b4a9
 def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> float:
     "Estimated GPU-hours of one row: its training epochs, or its post-training passes, at `rate` training img/s."
-    from cxrlt.posttrain.tta import TTA_VIEWS   # the views cRT+TTA runs
     if not rate: return np.nan
     infer = 3 * rate   # inference runs about three times as fast as a training step
     if row.trains:
@@ -38,8 +37,9 @@ def _row_hours(row:Row, preset:Preset, n:dict, rate:float, crt_views:int) -> flo
         steps = check_post_training(row.post_training)          # the refits (BASE_ROW_STEPS) read a file: no GPU
         crt = steps[:1] == ['cRT']
         seconds = len(row.base_rows) * (crt_views * n['train'] + n['eval']) / infer if crt else 0.0
-        views = len(TTA_VIEWS) if crt else len(preset.tta_views)   # cRT+TTA flips; TTA runs the preset's views
-        if 'TTA' in steps: seconds += views * n['eval'] / infer
+        if 'TTA' in steps:   # cRT+TTA flips (`TTA_VIEWS`); TTA of the base model runs the preset's views
+            from cxrlt.posttrain.tta import TTA_VIEWS
+            seconds += (len(TTA_VIEWS) if crt else len(preset.tta_views)) * n['eval'] / infer
     return seconds / 3600
 
 # %% ../nbs/11b_plan.ipynb #bb7400bf

@@ -156,7 +156,8 @@ def test_strong_post_training_is_logit_tta_then_gating_fitted_on_val(strong):
     assert tta['views'] == list(STRONG_TTA_VIEWS) and tta['merge'] == 'logit' and len(tta['views']) == 6
     gating = json.loads((d/'normal-gating.json').read_text())['params']
     alpha = gating['alpha']
-    assert gating['fitted_on'] == 'val' and alpha in [round(a, 1) for a in np.arange(0, 4.0001, 0.1)]
+    grid = [round(a, 1) for a in np.arange(0, 4.0001, 0.1)]   # 0, 0.1, ..., 4.0
+    assert gating['fitted_on'] == 'val' and alpha in grid
     tta_frame = read_predictions(d/'tta.csv')
     ell = log_odds(tta_frame)
     gated = read_predictions(d/'normal-gating.csv')[CLASSES].to_numpy()
@@ -173,7 +174,6 @@ def test_strong_post_training_is_logit_tta_then_gating_fitted_on_val(strong):
     val = (tta_frame.split == 'val').to_numpy()
     train = pd.read_csv(next((out/'data').glob('synthetic-*'))/'CXRLT_2026_training.csv').set_index('ImageID')
     y = train.loc[tta_frame.ImageID[val], CLASSES].to_numpy()
-    grid = [round(a, 1) for a in np.arange(0, 4.0001, 0.1)]
     aps = np.array([np.mean([average_precision_score(y[:, c], q[:, c]) for c in range(len(CLASSES)) if y[:, c].any()])
                     for q in (gate(ell[val], a) for a in grid)])
     assert alpha == grid[int(np.flatnonzero(aps >= aps.max() - 1e-9)[0])], (alpha, aps.round(4))
@@ -215,7 +215,6 @@ def test_dry_run_prints_the_strong_gpu_plan(tmp_path, capsys):
     assert plan.gpu_hours[22] > 0 and plan.epochs[21] == 20
 
 
-
 def test_faithful_plan_finds_the_throughput_of_backbones_with_weight_tags(tmp_path):
     "The faithful recipe trains 'resnet50.tv_in1k' and others; the benchmark names the bare backbone: it is found."
     from conftest import tiny_challenge
@@ -234,6 +233,7 @@ def test_faithful_plan_finds_the_throughput_of_backbones_with_weight_tags(tmp_pa
     assert trained.gpu_hours.notna().all() and (trained.gpu_hours > 0).all()
     assert main(['table', '--preset', 'faithful', '--data', str(d), '--dry-run',
                  '--throughput', str(tmp_path/'throughput.json')]) == 0
+
 
 def test_new_augmentation_keys_keep_names_and_resumes_of_earlier_runs(tmp_path):
     "Runs named and stored before CLAHE, noise and dropout existed keep their names and resume (the keys at 0)."

@@ -76,7 +76,6 @@ def test_rerun_skips_finished_rows(smoke_table):
     assert (out/'rows'/'row03'/'result.json').stat().st_mtime_ns == before
 
 
-
 def test_row_hash_ignores_which_rows_run_and_how_many_at_once(smoke_table):
     "A row is reused when another selection of rows or another number of workers runs; a recipe change reruns it."
     import dataclasses
@@ -91,6 +90,7 @@ def test_row_hash_ignores_which_rows_run_and_how_many_at_once(smoke_table):
     assert h(dataclasses.replace(p, epochs=p.epochs + 1)) != stored
     with pytest.raises(ValueError, match="unknown refit step 'bogus'"):
         _refit('bogus', out/'rows'/'row03'/'none.csv', [], out)
+
 
 def test_submitit_local_runs_dependent_rows(smoke_table, tmp_path):
     from cxrlt.study import run_table
