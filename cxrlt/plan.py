@@ -77,9 +77,11 @@ def table_plan(preset:str, # a `PRESETS` name
 def _plan_text(plan:pd.DataFrame, preset:str) -> str:
     "The plan as a table and a closing line with the trainings and the total GPU-hours."
     hours = plan.gpu_hours.map(lambda h: '—' if pd.isna(h) else f'{h:.3g}')
-    shown = plan.assign(gpu_hours=hours, img_per_s=plan.img_per_s.round(1))
+    shown = plan.assign(gpu_hours=hours, img_per_s=plan.img_per_s.astype(float).round(1))
     known = plan.gpu_hours.notna()
     total = f'{plan.gpu_hours[known].sum():.3g} GPU-hours' + ('' if known.all() else
                                                           f' (rows {list(plan.index[~known])} have no throughput)')
+    estimate = (f'estimated {total}' if known.any() else
+                'no estimate: no backbone has a throughput (pass --throughput or --img_per_s)')
     return (shown.to_string(na_rep='—') + f'\n{preset} preset: {len(plan)} rows, {int(plan.trains.sum())} trainings, '
-            f'{int(plan.images_per_epoch.max())} images per epoch; estimated {total}')
+            f'{int(plan.images_per_epoch.max())} images per epoch; {estimate}')

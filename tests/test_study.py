@@ -257,6 +257,9 @@ def test_dry_run_plans_the_paper_table_without_training(tmp_path):
     assert (plan.gpu_hours[[18, 19]] == 0).all()   # thresholds and temperatures refit a predictions file
     assert plan[plan.backbone == names[0]].gpu_hours.isna().all()   # no throughput for it: unknown, not zero
     assert 'have no throughput' in r.stdout
+    r = cxrlt('table', '--preset', 'paper', '--data', d, '--dry-run')   # no throughput for any backbone
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'images per epoch; no estimate: no backbone has a throughput' in r.stdout, r.stdout
 
 
 def test_local_pool_runs_rows_at_once(smoke_table, tmp_path):
