@@ -138,10 +138,10 @@ def _prep_fracture(an, rng, s):
     if an['frontal']:
         an['rib_break'] = dict(side='R' if rng.random() < 0.5 else 'L', k=int(rng.integers(2, 8)),
                                t=float(rng.uniform(0.45, 0.9)) * an['tw'],
-                               step=float(rng.choice([-1, 1]) * (0.004 + 0.01 * s)), gap=0.003 + 0.004 * s)
+                               step=float(rng.choice([-1, 1]) * (0.006 + 0.012 * s)), gap=0.006 + 0.008 * s)
     else:
         an['rib_break'] = dict(k=int(rng.integers(2, 8)), t=float(rng.uniform(0.3, 0.75)),
-                               step=float(rng.choice([-1, 1]) * (0.004 + 0.01 * s)), gap=0.02 + 0.02 * s)
+                               step=float(rng.choice([-1, 1]) * (0.006 + 0.012 * s)), gap=0.02 + 0.02 * s)
 
 # %% ../../nbs/03c_synth_signs.ipynb #5cabbad4
 @_sign('fracture', _prep_fracture)
@@ -153,8 +153,8 @@ def _fracture(cv, an, rng, s):
         v0 = an['apex'] + 0.05 + b['k'] * an['rib_sp']
         su = float(cv.spine_u(v0))
         u, v = su - b['t'] * (su - an['ant'] - 0.1), v0 + 0.02 * b['t'] + 0.16 * b['t'] ** 2
-    if rng.random() < 0.5:  # callus
-        cv.ellipse(u, v + b['step'] / 2, 0.012, 0.009, (0.03 + 0.04 * s) * an['bone'], edge=0.5)
+    if rng.random() < 0.7:  # callus
+        cv.ellipse(u, v + b['step'] / 2, 0.018, 0.013, (0.05 + 0.06 * s) * an['bone'], edge=0.5)
     return (u - 0.025, v - 0.025, u + 0.025, v + 0.025)
 
 # %% ../../nbs/03c_synth_signs.ipynb #8cb73a46
@@ -192,7 +192,7 @@ def _nodule(cv, an, rng, s):
     boxes = []
     for _ in range(1 if rng.random() < 0.7 else int(rng.integers(2, 4))):
         u, v, side = _lung_point(cv, an, rng, zone=(0.15, 0.85))
-        r = 0.009 + 0.011 * s
+        r = 0.013 + 0.017 * s
         cv.ellipse(u, v, r, r * rng.uniform(0.85, 1.15), 0.06 + 0.08 * s, edge=0.5)
         boxes.append((u - 2 * r, v - 2 * r, u + 2 * r, v + 2 * r))
     return _union(*boxes)
@@ -219,7 +219,7 @@ def _atelectasis(cv, an, rng, s):
     u, v, side = _lung_point(cv, an, rng, zone=(0.55, 0.9))
     L, tilt = 0.06 + 0.1 * s, rng.uniform(-0.25, 0.25)
     pts = [(u - L / 2, v - tilt * L / 2), (u + L / 2, v + tilt * L / 2)]
-    cv.line(pts, 0.005 + 0.004 * s, 0.06 + 0.06 * s)
+    cv.line(pts, 0.008 + 0.006 * s, 0.08 + 0.08 * s)
     return _around(pts, 0.015)
 
 # %% ../../nbs/03c_synth_signs.ipynb #e8fdafb4
@@ -251,10 +251,10 @@ def _alveolar(cv, an, rng, s):
 # %% ../../nbs/03c_synth_signs.ipynb #1ed50025
 @_sign('interstitial pattern')
 def _interstitial(cv, an, rng, s):
-    noise = ndimage.gaussian_filter(rng.standard_normal(cv.U.shape).astype(np.float32), 0.0045 / cv.px)
+    noise = ndimage.gaussian_filter(rng.standard_normal(cv.U.shape).astype(np.float32), 0.007 / cv.px)
     net = np.exp(-(noise / (0.3 * noise.std() + 1e-9)) ** 2)  # zero crossings of smooth noise form a reticular net
     top = _lung_top(an)
-    amp = 0.035 + 0.05 * s
+    amp = 0.05 + 0.05 * s
     for side in cv.lung:
         rel = (cv.V - top) / (_lung_bottom(an, side) - top)
         cv.A += amp * net * _smooth((rel - 0.25) / 0.4) * np.clip(cv.lung[side] * 1.6, 0, 1)
@@ -271,7 +271,7 @@ def _tram_track(cv, an, rng, amp, s):
     n, L, sep = np.array([-d[1], d[0]]), 0.03 + 0.03 * s, rng.uniform(0.008, 0.012)
     for k in (-0.5, 0.5):
         p = np.array([u, v]) + k * sep * n
-        cv.line([p, p + L * d], 0.0018, amp)
+        cv.line([p, p + L * d], 0.003, amp)
     return _around([(u, v), (u + L * d[0], v + L * d[1])], 0.012)
 
 # %% ../../nbs/03c_synth_signs.ipynb #65347bcd
@@ -279,13 +279,13 @@ def _ring_shadow(cv, an, rng, amp):
     "A small ring (a bronchus seen end-on); its box."
     u, v, side = _lung_point(cv, an, rng, zone=(0.5, 0.95))
     r = rng.uniform(0.006, 0.01)
-    cv.ring(u, v, r, r, 0.002, amp)
+    cv.ring(u, v, r, r, 0.003, amp)
     return (u - 2 * r, v - 2 * r, u + 2 * r, v + 2 * r)
 
 # %% ../../nbs/03c_synth_signs.ipynb #42a67811
 @_sign('bronchiectasis')
 def _bronchiectasis(cv, an, rng, s):
-    amp = 0.04 + 0.05 * s
+    amp = 0.06 + 0.06 * s
     boxes = [_tram_track(cv, an, rng, amp, s) for _ in range(int(rng.integers(4, 10)))]
     boxes += [_ring_shadow(cv, an, rng, amp) for _ in range(int(rng.integers(2, 5)))]
     return _union(*boxes)
@@ -299,7 +299,7 @@ def _calcified(cv, an, rng, s):
         else:  # a calcified hilar node
             u, v = cv.hila[int(rng.integers(len(cv.hila)))]
             u += rng.normal(0, 0.01); v += rng.normal(0, 0.015)
-        r = rng.uniform(0.004, 0.009)
+        r = rng.uniform(0.007, 0.012)
         cv.ellipse(u, v, r, r, 0.2 + 0.15 * s, edge=0.3)
         boxes.append((u - 2.5 * r, v - 2.5 * r, u + 2.5 * r, v + 2.5 * r))
     return _union(*boxes)
@@ -375,7 +375,7 @@ def _lateral_pleural_band(cv, an, side, amp, s):
 @_sign('pleural thickening')
 def _pleural_thickening(cv, an, rng, s):
     side = ('R' if rng.random() < 0.5 else 'L') if an['frontal'] else 'L'
-    amp = 0.05 + 0.07 * s
+    amp = 0.08 + 0.08 * s
     if rng.random() < 0.7 or not an['frontal']: return _apical_cap(cv, an, side, amp, s)
     return _lateral_pleural_band(cv, an, side, amp, s)
 
