@@ -56,7 +56,7 @@ demo: install
 	$(BIN)/cxrlt cam --run $(TABLE)/runs --out $(TABLE)/explorer
 	$(BIN)/cxrlt site --table $(TABLE) --explorer $(TABLE)/explorer
 
-# After `make demo`: the ceiling reference the results page draws per class group (about 7 minutes here).
+# After `make demo`: the ceiling reference the results page draws per class group (5 to 7 minutes here).
 ceiling: install
 	$(BIN)/cxrlt table --preset demo --rows 1 --data $(TABLE)/data/synthetic-demo --out $(TABLE)/ceiling \
 		--overrides '$(CEILING)'
