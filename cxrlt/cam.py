@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import atomic_write, choose_device, load_json, logger, new_folder, save_csv, save_json
+from .core import atomic_write, choose_device, load_json, logged_once, logger, new_folder, save_csv, save_json
 from .labels import CLASSES, class_index
 from .run import Run
 
@@ -454,7 +454,7 @@ def _check_run_names(runs:list):
 # %% ../nbs/09_cam.ipynb #ce392af1
 def _shared_validation(run:Path, runs:list) -> tuple:
     "Each run's validation set, and the first run's validation table cut to the images that all runs share."
-    vals = {r: Run(r).datasets()['val'] for r in runs}
+    with logged_once(): vals = {r: Run(r).datasets()['val'] for r in runs}   # the same table for every run
     shared = set.intersection(*(set(v['table'].ImageID) for v in vals.values()))
     if not shared:
         raise ValueError(f'the runs in {run} share no validation image; were they trained on different splits?')
@@ -538,8 +538,8 @@ def build_cam_explorer(run, # a run directory, or a folder of run directories (a
         _write_explorer(_explorer_data(runs, out, panel, images, tiles, params, t0.isoformat(timespec='seconds')),
                         out)
     seconds = (datetime.datetime.now(datetime.timezone.utc) - t0).total_seconds()
-    logger.info(f'{out/"index.html"}: {len(runs)} model(s), {len(classes)} class(es), {len(tiles)} tiles '
-                f'in {seconds:.1f} s')
+    logger.debug(f'{out/"index.html"}: {len(runs)} model(s), {len(classes)} class(es), {len(tiles)} tiles '
+                 f'in {seconds:.1f} s')
     return {'out': out, 'html': out/'index.html', 'models': [r.name for r in runs], 'classes': classes,
             'n_tiles': len(tiles), 'seconds': seconds}
 

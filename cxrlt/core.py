@@ -4,7 +4,7 @@
 __all__ = ['logger', 'MANIFEST_PACKAGES', 'get_logger', 'plot_theme', 'seed_everything', 'choose_device', 'atomic_write',
            'new_folder', 'save_json', 'load_json', 'save_csv', 'save_checkpoint', 'load_checkpoint', 'package_versions',
            'git_state', 'host_info', 'with_defaults', 'param_changes', 'start_run', 'end_run', 'log_to_file',
-           'run_directory', 'Config', 'read_config_yaml', 'check_ranges']
+           'logged_once', 'run_directory', 'Config', 'read_config_yaml', 'check_ranges']
 
 # %% ../nbs/00_core.ipynb #1996b5a6
 import contextlib, dataclasses, datetime, difflib, json, logging, math, os, pickle, platform, random, re, socket
@@ -317,6 +317,27 @@ def log_to_file(path, # log file (appended to)
     finally:
         logger.removeHandler(handler)
         handler.close()
+
+# %% ../nbs/00_core.ipynb #2eea173a
+class _FirstOfEach(logging.Filter):
+    "Pass the first record of each distinct message, drop its repeats."
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        first = message not in self.seen
+        self.seen.add(message)
+        return first
+
+@contextlib.contextmanager
+def logged_once():
+    "While the body runs, the `cxrlt` logger passes each distinct message once."
+    once = _FirstOfEach()
+    logger.addFilter(once)
+    try: yield
+    finally: logger.removeFilter(once)
 
 # %% ../nbs/00_core.ipynb #7647c17e
 @contextlib.contextmanager
