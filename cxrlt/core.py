@@ -319,25 +319,17 @@ def log_to_file(path, # log file (appended to)
         handler.close()
 
 # %% ../nbs/00_core.ipynb #2eea173a
-class _FirstOfEach(logging.Filter):
-    "Pass the first record of each distinct message, drop its repeats."
-    def __init__(self):
-        super().__init__()
-        self.seen = set()
-
-    def filter(self, record) -> bool:
-        message = record.getMessage()
-        first = message not in self.seen
-        self.seen.add(message)
-        return first
-
 @contextlib.contextmanager
 def logged_once():
     "While the body runs, the `cxrlt` logger passes each distinct message once."
-    once = _FirstOfEach()
-    logger.addFilter(once)
+    seen = set()
+    def first_of_each(record) -> bool:
+        new = record.getMessage() not in seen
+        seen.add(record.getMessage())
+        return new
+    logger.addFilter(first_of_each)
     try: yield
-    finally: logger.removeFilter(once)
+    finally: logger.removeFilter(first_of_each)
 
 # %% ../nbs/00_core.ipynb #7647c17e
 @contextlib.contextmanager

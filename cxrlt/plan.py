@@ -71,13 +71,13 @@ def table_plan(preset:str, # a `PRESETS` name
                      'backbone': name, 'trains': row.trains, 'images_per_epoch': n['train'] if row.trains else 0,
                      'epochs': p.epochs if row.trains else 0, 'img_per_s': rate,
                      'gpu_hours': _row_hours(row, p, n, rate, p.crt_train_views)})
-    return pd.DataFrame(recs).set_index('row')
+    return pd.DataFrame(recs).astype({'img_per_s': float, 'gpu_hours': float}).set_index('row')   # NaN: unknown
 
 # %% ../nbs/11b_plan.ipynb #0614ed4a
 def _plan_text(plan:pd.DataFrame, preset:str) -> str:
     "The plan as a table and a closing line with the trainings and the total GPU-hours."
     hours = plan.gpu_hours.map(lambda h: '—' if pd.isna(h) else f'{h:.3g}')
-    shown = plan.assign(gpu_hours=hours, img_per_s=plan.img_per_s.astype(float).round(1))
+    shown = plan.assign(gpu_hours=hours, img_per_s=plan.img_per_s.round(1))
     known = plan.gpu_hours.notna()
     total = f'{plan.gpu_hours[known].sum():.3g} GPU-hours' + ('' if known.all() else
                                                           f' (rows {list(plan.index[~known])} have no throughput)')
